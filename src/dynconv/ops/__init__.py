@@ -1,0 +1,8 @@
+"""Pure functional ops with autograd. Each takes ``backend='auto'|'reference'|...``;
+the ``reference`` backend is plain PyTorch math, kept as ground truth for the fast ones."""
+
+from .condconv import cond_conv2d, cond_linear
+from .involution import involution2d
+from .switched import switched_conv2d
+
+__all__ = ["switched_conv2d", "cond_conv2d", "cond_linear", "involution2d"]
