@@ -1,0 +1,86 @@
+"""Model surgery: turn a trained model's ``nn.Conv2d`` layers into dynamic ones, in place,
+without changing the model's function (the first step of staged training)."""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from typing import Callable, Iterable, Union
+
+from torch import nn
+
+from ._checks import choice
+from .nn.cond_conv import CondConv2d
+from .nn.switched_conv import SwitchedConv2d
+
+Include = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
+TARGETS = ("switched", "condconv")
+
+
+class ConvertedNames(list):
+    """The converted module names (a ``list[str]``); ``skipped`` maps each matching conv
+    that was left alone to the reason."""
+
+    def __init__(self, names: Iterable[str] = (), skipped: dict[str, str] | None = None) -> None:
+        super().__init__(names)
+        self.skipped: dict[str, str] = dict(skipped or {})
+
+
+def _matcher(include: Include) -> Callable[[str, nn.Module], bool]:
+    if include is None:
+        return lambda name, module: True
+    if callable(include):
+        return include  # type: ignore[return-value]
+    patterns = [include] if isinstance(include, str) else list(include)
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"include must be None, a name/glob pattern, a list of them or a predicate, got {include!r}")
+    return lambda name, module: any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _skip_reason(conv: nn.Conv2d, to: str) -> str | None:
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} is not supported"
+    if to == "switched" and conv.groups != 1:
+        return f"groups={conv.groups} is not supported by SwitchedConv2d"
+    if isinstance(conv.padding, str) and conv.padding == "same":
+        if any((d * (k - 1)) % 2 for k, d in zip(conv.kernel_size, conv.dilation)):
+            return "padding='same' with an even receptive field is asymmetric"
+    return None
+
+
+def convert(model: nn.Module, to: str = "switched", include: Include = None, **layer_kwargs) -> ConvertedNames:
+    """Replace matching ``nn.Conv2d`` modules of ``model`` in place (any nesting).
+
+    ``to``: ``'switched'`` (:meth:`SwitchedConv2d.from_conv`, kwargs such as ``breadth``,
+    ``selector``, ``routing``) or ``'condconv'`` (:meth:`CondConv2d.from_conv`, kwargs such as
+    ``num_experts``, ``routing``). ``include``: ``None`` (every conv), a module name or glob
+    pattern (``'layer*.conv2'``), a list of them, or a predicate ``(name, module) -> bool``.
+    Returns the converted names; convs that match but cannot be converted are listed in the
+    result's ``skipped`` and in a warning. The converted model computes the same function.
+    """
+    choice(to, "to", TARGETS)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    matches = _matcher(include)
+    factory = SwitchedConv2d.from_conv if to == "switched" else CondConv2d.from_conv
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) is nn.Conv2d and name and matches(name, module)
+    ]
+    if isinstance(model, nn.Conv2d):
+        raise ValueError("model is itself an nn.Conv2d; use SwitchedConv2d.from_conv / CondConv2d.from_conv")
+    result = ConvertedNames()
+    for name, conv in targets:
+        reason = _skip_reason(conv, to)
+        if reason is not None:
+            result.skipped[name] = reason
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, factory(conv, **layer_kwargs))
+        result.append(name)
+    if result.skipped:
+        listed = ", ".join(f"{n} ({r})" for n, r in result.skipped.items())
+        warnings.warn(f"convert(to={to!r}) skipped: {listed}", UserWarning, stacklevel=2)
+    return result
