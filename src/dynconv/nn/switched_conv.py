@@ -154,7 +154,9 @@ class SwitchedConv2d(nn.Module):
             keep = torch.rand(logits.shape[0], self.breadth, 1, 1, device=logits.device) >= self.selector_dropout
             keep |= ~keep.any(dim=1, keepdim=True)  # at least one expert kept per example
             logits = logits * keep
-        probs = torch.softmax(logits.float(), dim=1)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # routing decisions in at least fp32
+        probs = torch.softmax(logits, dim=1)
         if self.norm is not None:
             probs = self.norm(probs)
         return probs
@@ -163,7 +165,7 @@ class SwitchedConv2d(nn.Module):
         with torch.no_grad():
             if hard:
                 flat = index_or_probs.flatten()  # scatter_add keeps a static shape (torch.compile)
-                counts = torch.zeros(self.breadth, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
+                counts = torch.zeros(self.breadth, device=flat.device, dtype=torch.float32).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
             else:
                 counts = index_or_probs.detach().float().sum(dim=(0, 2, 3))
             fractions = counts / counts.sum().clamp_min(1e-12)
