@@ -35,7 +35,11 @@ def test_conversion_preserves_function(to, kwargs):
     model = small_cnn()
     x = torch.randn(2, 3, 23, 21)
     before = model(x)
-    names = dynconv.convert(model, to=to, **kwargs)
+    if to == "switched":
+        with pytest.warns(UserWarning, match=r"skipped: 3.2 \(groups=4"):
+            names = dynconv.convert(model, to=to, **kwargs)
+    else:
+        names = dynconv.convert(model, to=to, **kwargs)
     after = model.eval()(x)
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     cls = SwitchedConv2d if to == "switched" else CondConv2d
