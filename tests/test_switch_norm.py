@@ -91,3 +91,29 @@ def test_bad_input_shape():
         SwitchNorm(3)(torch.rand(2, 4, 2, 2))
     with pytest.raises(ValueError, match="breadth must be >= 1"):
         SwitchNorm(0)
+
+
+def test_gradient_checkpointing_records_each_step_once():
+    import contextlib
+
+    from torch.utils.checkpoint import checkpoint
+
+    from dynconv import SwitchedConv2d
+    from dynconv.nn import freeze_statistics
+
+    torch.manual_seed(0)
+    layer = SwitchedConv2d(3, 3, 3, padding=1, breadth=4, norm_buffer=2)
+    twin = SwitchedConv2d(3, 3, 3, padding=1, breadth=4, norm_buffer=2)
+    twin.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 3, 6, 6)
+    for step in range(3):
+        plain = layer(x)
+        plain.square().sum().backward()
+        ckpt = checkpoint(twin, x, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), freeze_statistics()))
+        ckpt.square().sum().backward()
+        torch.testing.assert_close(ckpt, plain)
+        assert int(twin.norm.write_index) == int(layer.norm.write_index)
+        assert int(twin.recent_steps) == step + 1
+    torch.testing.assert_close(twin.norm.usage, layer.norm.usage)
+    torch.testing.assert_close(twin.weight.grad, layer.weight.grad)
+    torch.testing.assert_close(twin.selector.weight.grad, layer.selector.weight.grad)

@@ -4,7 +4,7 @@ from .cond_conv import CondConv2d, CondLinear
 from .involution import Involution2d
 from .routing import hard_index_gate, hard_routing
 from .selectors import LambdaLayer, LambdaSelector
-from .switch_norm import SwitchNorm
+from .switch_norm import SwitchNorm, freeze_statistics
 from .switched_conv import SwitchedConv2d
 
 __all__ = [
@@ -17,4 +17,5 @@ __all__ = [
     "LambdaSelector",
     "hard_routing",
     "hard_index_gate",
+    "freeze_statistics",
 ]

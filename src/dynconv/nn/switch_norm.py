@@ -8,13 +8,43 @@ and is needed at inference (without it the routing sees unnormalised probabiliti
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .._checks import positive_int
+
+
+_state = threading.local()
+
+
+def statistics_frozen() -> bool:
+    """True inside :func:`freeze_statistics` (on this thread)."""
+    return getattr(_state, "frozen", False)
+
+
+@contextlib.contextmanager
+def freeze_statistics() -> Iterator[None]:
+    """Run training-mode forwards without updating routing statistics (SwitchNorm's usage
+    buffer and switched convs' usage EMA), and without SwitchNorm's collective.
+
+    Gradient checkpointing recomputes a block's forward during backward; recording again
+    would count the step twice (and, under DDP, run a collective inside backward). Use it as
+    the recompute context: ``checkpoint(block, x, use_reentrant=False,
+    context_fn=lambda: (contextlib.nullcontext(), freeze_statistics()))``. The recomputed
+    output is the same, since the first forward already wrote this step into the buffer.
+    """
+    previous = statistics_frozen()
+    _state.frozen = True
+    try:
+        yield
+    finally:
+        _state.frozen = previous
 
 
 class SwitchNorm(nn.Module):
@@ -78,7 +108,7 @@ class SwitchNorm(nn.Module):
             raise ValueError(
                 f"SwitchNorm expects probabilities (N, breadth={self.breadth}, ...), got shape {tuple(probs.shape)}"
             )
-        if self.training:
+        if self.training and not statistics_frozen():
             self._record(probs)
         norm = self.mean_usage().to(probs.dtype).view(1, -1, *([1] * (probs.dim() - 2)))
         scaled = probs / norm

@@ -13,7 +13,7 @@ from .. import ops
 from .._checks import choice, conv_output_size, float_input, pair, positive_int
 from .routing import hard_index_gate
 from .selectors import SELECTORS, align_to_output_grid, build_selector
-from .switch_norm import SwitchNorm
+from .switch_norm import SwitchNorm, statistics_frozen
 
 IntOrPair = Union[int, tuple[int, int]]
 ROUTINGS = ("hard", "soft")
@@ -169,7 +169,7 @@ class SwitchedConv2d(nn.Module):
             else:
                 counts = index_or_probs.detach().float().sum(dim=(0, 2, 3))
             fractions = counts / counts.sum().clamp_min(1e-12)
-            if self.training:
+            if self.training and not statistics_frozen():
                 first = self.recent_steps == 0
                 momentum = torch.where(first, torch.ones_like(fractions[0]), torch.full_like(fractions[0], self.usage_momentum))
                 self.recent_usage.lerp_(fractions.to(self.recent_usage.dtype), momentum)
