@@ -1,0 +1,125 @@
+"""Image files from a directory or a .tar / .tar.gz archive, decoded with Pillow.
+
+Archives are indexed once: an uncompressed .tar by member offsets (read lazily, one
+``open`` per read so forked loader workers never share a file position), a compressed one
+by reading the member bytes into memory in one sequential pass (random access into gzip
+would decompress from the start every time). Decoding is lazy, per item.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from .registry import DatasetError
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageRef", "decode_image", "image_to_tensor", "list_image_files", "TarIndex", "check_on_bad_file"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
+OnBadFile = Literal["error", "skip"]
+
+
+def check_on_bad_file(value: str) -> str:
+    if value not in ("error", "skip"):
+        raise ValueError(f"on_bad_file must be 'error' or 'skip', got {value!r}")
+    return value
+
+
+def is_archive(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith((".tar", ".tar.gz", ".tgz"))
+
+
+def decode_image(data: bytes | Path, source: str) -> np.ndarray:
+    """Decode to a ``uint8`` ``(H, W, 3)`` RGB array; an unreadable file raises
+    :class:`DatasetError` naming ``source``."""
+    try:
+        from PIL import Image
+    except ImportError as exc:  # pragma: no cover - Pillow comes with matplotlib / scikit-image
+        raise ImportError("decoding images needs Pillow: pip install pillow") from exc
+    try:
+        stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else open(data, "rb")
+        with stream, Image.open(stream) as image:
+            image.load()
+            if image.mode != "RGB":
+                image = image.convert("RGB")
+            array = np.array(image, dtype=np.uint8)  # a writable copy
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL raises these for bad/truncated data
+        raise DatasetError(f"cannot decode image file {source}: {exc}") from exc
+    if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) < 1:
+        raise DatasetError(f"image file {source} decoded to shape {array.shape}, expected (H, W, 3)")
+    return array
+
+
+def image_to_tensor(array: np.ndarray) -> torch.Tensor:
+    """``uint8 (H, W, 3)`` -> ``uint8 (3, H, W)`` (contiguous; numpy transposes uint8 much
+    faster than torch's CPU permute-copy)."""
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def list_image_files(folder: Path) -> list[Path]:
+    """The image files directly inside ``folder``, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where one image lives: a file path, or a member of an indexed archive."""
+
+    source: str  # a printable path (archive members as ``archive.tar.gz::member``)
+    path: Path | None = None
+    archive: "TarIndex | None" = None
+    member: str | None = None
+
+    def read(self) -> bytes | Path:
+        if self.archive is not None:
+            assert self.member is not None
+            return self.archive.read(self.member)
+        assert self.path is not None
+        return self.path
+
+    def decode(self) -> np.ndarray:
+        return decode_image(self.read(), self.source)
+
+
+class TarIndex:
+    """Image members of a tar archive: offsets (.tar) or bytes in memory (.tar.gz)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.compressed = not self.path.name.lower().endswith(".tar")
+        self.members: list[str] = []
+        self._offsets: dict[str, tuple[int, int]] = {}
+        self._data: dict[str, bytes] = {}
+        try:
+            with tarfile.open(self.path, "r:*") as tar:
+                for info in tar:
+                    if not info.isfile() or not info.name.lower().endswith(IMAGE_EXTENSIONS):
+                        continue
+                    name = info.name[2:] if info.name.startswith("./") else info.name
+                    self.members.append(name)
+                    if self.compressed:
+                        handle = tar.extractfile(info)
+                        assert handle is not None
+                        self._data[name] = handle.read()
+                    else:
+                        self._offsets[name] = (info.offset_data, info.size)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise DatasetError(f"cannot read archive {self.path}: {exc}") from exc
+
+    def read(self, member: str) -> bytes:
+        if self.compressed:
+            return self._data[member]
+        offset, size = self._offsets[member]
+        with open(self.path, "rb") as handle:
+            handle.seek(offset)
+            return handle.read(size)
+
+    def ref(self, member: str) -> ImageRef:
+        return ImageRef(source=f"{self.path}::{member}", archive=self, member=member)
