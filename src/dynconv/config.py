@@ -27,10 +27,13 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------- sections
 @dataclass
 class ModelConfig:
-    """``name`` from :data:`dynconv.models.MODELS`; ``options`` are its keyword arguments."""
+    """``name`` from :data:`dynconv.models.MODELS`; ``options`` are its keyword arguments.
+    ``init``: a checkpoint (directory, run directory or ``model.safetensors``) whose weights the
+    model starts from, its conversions applied first (e.g. the output of ``dynconv convert``)."""
 
     name: str
     options: dict[str, Any] = field(default_factory=dict)
+    init: Optional[str] = None
 
 
 @dataclass

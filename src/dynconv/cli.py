@@ -1,0 +1,343 @@
+"""The ``dynconv`` command line (also ``python -m dynconv``): train, eval, convert, viz, demo.
+
+Run ``dynconv COMMAND --help`` for each command's options and examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+_FMT = argparse.RawDescriptionHelpFormatter
+
+MAIN_EPILOG = """\
+commands:
+  train     train a model from a YAML config (resume with --resume RUN_DIR)
+  eval      score a run or checkpoint on the eval split; writes metrics.json
+  convert   checkpoint surgery: plain convs -> switched / CondConv, same outputs
+  viz       selector maps and expert-usage charts of a trained model on images
+  demo      the main job: a small switched-conv SR net on CPU (see `dynconv demo --help`)
+
+examples:
+  dynconv train configs/sr_switched_x2.yaml --set train.steps=2000 --run-dir runs/sr
+  dynconv train configs/sr_switched_x2.yaml --resume runs/sr
+  accelerate launch --multi_gpu --num_processes 4 -m dynconv train configs/cifar10_resnet18_switched.yaml
+  dynconv eval runs/sr
+  dynconv convert runs/plain --to switched --include 'body.*' --breadth 8 --selector lambda -o runs/plain-switched
+  dynconv viz runs/sr photo.png -o runs/sr/maps
+  dynconv demo --quick
+
+Docs: docs/training.md (configs, resume, staged training, multi-GPU / multi-node).
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dynconv", formatter_class=_FMT,
+        description="Train, evaluate, convert and inspect dynamic-convolution models.",
+        epilog=MAIN_EPILOG,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "train", formatter_class=_FMT, help="train a model from a YAML config",
+        description="Train a model from a YAML config. The config is validated (unknown keys, wrong types, "
+        "bad values and unknown model/dataset/loss names fail before training, naming the key path); the "
+        "resolved config is saved as RUN_DIR/config.yaml. Ctrl-C saves a checkpoint at the end of the current "
+        "step; --resume continues exactly where a run stopped.",
+        epilog="""\
+examples:
+  dynconv train configs/sr_switched_x2.yaml
+  dynconv train configs/cifar10_resnet18_switched.yaml --set train.steps=500 --set optim.lr=0.05 --run-dir runs/c10
+  dynconv train --resume runs/c10                       # continue (config from runs/c10/config.yaml)
+  dynconv train configs/sr_plain_x2.yaml --resume runs/sr --set train.steps=4000   # continue, train longer
+  accelerate launch --multi_gpu --num_processes 2 -m dynconv train configs/sr_switched_x2.yaml   # DDP, 2 GPUs
+  torchrun --nproc_per_node 2 -m dynconv train configs/sr_switched_x2.yaml --set train.device=cpu  # DDP on CPU (gloo)
+""")
+    p.add_argument("config", nargs="?", type=Path, help="YAML config (optional with --resume: the run's config.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config value (YAML syntax), repeatable: --set train.batch_size=32")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--run-dir", type=Path, metavar="DIR", help="output directory (default: runs/<config name>)")
+    p.add_argument("--max-steps", type=int, metavar="N",
+                   help="stop after step N (saving a checkpoint) without changing the schedule's length")
+
+    p = sub.add_parser(
+        "eval", formatter_class=_FMT, help="evaluate a run or checkpoint",
+        description="Evaluate on the config's eval split; print the metrics and write metrics.json into the "
+        "run directory (or next to the checkpoint). A run directory uses its best checkpoint, else its latest.",
+        epilog="""\
+examples:
+  dynconv eval runs/sr
+  dynconv eval runs/sr --checkpoint runs/sr/checkpoints/step_00002000
+  dynconv eval configs/sr_switched_x2.yaml --checkpoint runs/sr --set data.eval_options.patch_size=null
+""")
+    p.add_argument("source", type=Path, metavar="CONFIG_or_RUN_DIR")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint directory (or a run directory: best, else latest)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value")
+    p.add_argument("--max-batches", type=int, metavar="N", help="evaluate on the first N batches only")
+
+    p = sub.add_parser(
+        "convert", formatter_class=_FMT, help="convert a checkpoint's convs to switched / CondConv layers",
+        description="Checkpoint surgery for staged training: load a checkpoint (and its run's config), "
+        "replace the matching nn.Conv2d layers by SwitchedConv2d or CondConv2d layers computing the same "
+        "function, check the outputs on a random input (prints the max difference) and write a new "
+        "checkpoint directory that records the conversion, so loading it rebuilds the converted model. "
+        "Train on from it with `dynconv train CONFIG --set model.init=OUT`.",
+        epilog="""\
+examples:
+  dynconv convert runs/sr_plain --to switched --include 'body.*' --breadth 8 --selector lambda -o runs/sr_plain_switched
+  dynconv convert runs/c10/checkpoints/step_00010000 --to condconv --include 'layer*.conv2' --breadth 4 -o runs/c10_cond
+  dynconv train configs/sr_plain_x2.yaml --set model.init=runs/sr_plain_switched --run-dir runs/stage2
+""")
+    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="checkpoint directory or run directory")
+    p.add_argument("--to", required=True, choices=["switched", "condconv"])
+    p.add_argument("--include", nargs="+", default=["*"], metavar="PATTERN",
+                   help="module names or glob patterns of the convs to convert (default: every conv)")
+    p.add_argument("--breadth", type=int, default=8, help="experts per layer (switched: breadth; condconv: num_experts)")
+    p.add_argument("--selector", default="conv1x1", help="switched selector: conv1x1 | lambda (default conv1x1)")
+    p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="another layer option (YAML value), e.g. --option routing=soft")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output checkpoint directory")
+    p.add_argument("--seed", type=int, default=0, help="seed of the new layers' initialisation (default 0)")
+
+    p = sub.add_parser(
+        "viz", formatter_class=_FMT, help="selector maps and usage charts for a trained model",
+        description="For every switched conv of a trained model: the expert each pixel uses on each image "
+        "(beside the image) and the usage bar chart; routing statistics from training in routing.json.",
+        epilog="""\
+examples:
+  dynconv viz runs/sr photo.png other.jpg -o runs/sr/maps
+  dynconv viz runs/c10 cat.png -o maps --checkpoint runs/c10/checkpoints/step_00005000
+""")
+    p.add_argument("run", type=Path, metavar="RUN_DIR", help="run directory or checkpoint directory")
+    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output directory")
+    p.add_argument("--checkpoint", type=Path, help="a specific checkpoint (default: best, else latest)")
+
+    sub.add_parser("demo", help="the main job (options: dynconv demo --help)", add_help=False)
+    return parser
+
+
+# ------------------------------------------------------------------------------- commands
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import Trainer, TrainingError
+    from .train import checkpoint as ckpt
+
+    if args.config is None and args.resume is None:
+        print("dynconv train: give a CONFIG (or --resume RUN_DIR)", file=sys.stderr)
+        return EXIT_USAGE
+    config_path = args.config if args.config is not None else args.resume / "config.yaml"
+    config = load_config(config_path, args.overrides)
+    if args.resume is not None:
+        run_dir = args.resume
+        if args.run_dir is not None and Path(args.run_dir).resolve() != Path(run_dir).resolve():
+            print("dynconv train: --run-dir and --resume name different directories", file=sys.stderr)
+            return EXIT_USAGE
+    else:
+        run_dir = args.run_dir or Path("runs") / Path(config_path).stem
+        if ckpt.list_checkpoints(Path(run_dir) / "checkpoints"):
+            print(f"dynconv train: {run_dir} already holds checkpoints; continue it with --resume {run_dir} "
+                  "or choose another --run-dir", file=sys.stderr)
+            return EXIT_USAGE
+    trainer = Trainer(config, run_dir, resume=args.resume is not None)
+    if trainer.is_main:
+        where = f"resuming {run_dir} at step {trainer.step}" if args.resume else f"training into {run_dir}"
+        print(f"{where}: {config.model.name} on {config.data.name}, {trainer.total_steps} steps, "
+              f"{trainer.world} process(es) on {trainer.device}", flush=True)
+    try:
+        result = trainer.fit(max_steps=args.max_steps)
+    except TrainingError as error:
+        print(f"dynconv train: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    if result.interrupted:
+        if trainer.is_main:
+            print(f"interrupted at step {result.step}; checkpoint {result.checkpoint}; "
+                  f"continue with: dynconv train --resume {run_dir}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if trainer.is_main:
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
+        print(f"done: step {result.step}/{result.total_steps}; {metrics or 'no eval'}; checkpoint {result.checkpoint}")
+    return EXIT_OK
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .train import evaluate
+
+    result = evaluate(args.source, args.checkpoint, overrides=args.overrides, max_batches=args.max_batches)
+    print(f"{result['model']} on {result['dataset']}/{result['split']}, checkpoint {result['checkpoint']} "
+          f"(step {result['step']}, {result['weights']}):")
+    for name, value in result["metrics"].items():
+        print(f"  {name:<10} {value:.4f}")
+    if "written" in result:
+        print(f"wrote {result['written']}")
+    return EXIT_OK
+
+
+def _parse_options(items: list[str]) -> dict:
+    import yaml
+
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option must look like key=value, got {item!r}")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def example_input(model, config, task: str):
+    """A random input of a size the model accepts."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    if task == "super_resolution":
+        return torch.rand(2, 3, 12, 12, generator=g)
+    if task == "reconstruction":
+        channels = config.model.options.get("in_channels", 3)
+        return torch.rand(2, channels, 16, 16, generator=g)
+    channels = config.model.options.get("in_channels", 3)
+    return torch.randn(2, channels, 32, 32, generator=g)
+
+
+def _outputs(model, x):
+    out = model(x)
+    if isinstance(out, dict):
+        out = out.get("reconstruction", next(iter(out.values())))
+    return out
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+    import yaml
+
+    from .config import ConvertConfig
+    from .models import model_task
+    from .train import checkpoint as ckpt
+    from .train.trainer import apply_conversion, conversion_record, load_checkpoint_model
+
+    source = ckpt.resolve_checkpoint(args.checkpoint)
+    model, config, meta = load_checkpoint_model(source)
+    task = model_task(config.model.name)
+    cfg = ConvertConfig(step=0, to=args.to, include=list(args.include), breadth=args.breadth, selector=args.selector,
+                        options=_parse_options(args.options))
+    cfg.validate("convert")
+    model.eval()
+    reference = copy.deepcopy(model)
+    torch.manual_seed(args.seed)
+    record = conversion_record(cfg, None)
+    record["converted"] = apply_conversion(model, {**record, "converted": None})
+    if not record["converted"]:
+        print(f"dynconv convert: no nn.Conv2d of {config.model.name} matches {args.include}; names: "
+              f"{[n for n, m in reference.named_modules() if type(m) is torch.nn.Conv2d][:20]}", file=sys.stderr)
+        return EXIT_ERROR
+    model.eval()
+    x = example_input(model, config, task)
+    with torch.no_grad():
+        diff = (_outputs(model, x).float() - _outputs(reference, x).float()).abs().max().item()
+    conversions = list(meta.get("conversions", [])) + [record]
+    out_meta = {"step": meta.get("step"), "conversions": conversions, "source": str(source),
+                "model": config.model.name, "task": task, "max_output_difference": diff}
+    ckpt.save_weights_checkpoint(args.out, model_state=model.state_dict(), meta=out_meta,
+                                 config_yaml=yaml.safe_dump(config.to_dict(), sort_keys=False))
+    print(f"converted {len(record['converted'])} conv(s) of {config.model.name} to {args.to} "
+          f"(breadth {args.breadth}): {', '.join(record['converted'])}")
+    print(f"max |output difference| on a random input: {diff:.3g}")
+    print(f"wrote {args.out}; train on with: dynconv train CONFIG --set model.init={args.out}")
+    tolerance = 1e-4 * max(1.0, _outputs(reference, x).abs().max().item())
+    if diff > tolerance:
+        print(f"dynconv convert: warning: outputs differ by {diff:.3g} (> {tolerance:.1g})", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def load_image(path: Path):
+    """An image file as float32 (3, H, W) in [0, 1]."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    with Image.open(path) as img:
+        array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def _cmd_viz(args: argparse.Namespace) -> int:
+    import torch
+
+    from .insight import routing_stats, switched_layers
+    from .models import model_task
+    from .train import checkpoint as ckpt
+    from .train.trainer import load_checkpoint_model
+    from .viz import save_selector_maps
+
+    source = ckpt.resolve_checkpoint(args.checkpoint or args.run)
+    model, config, meta = load_checkpoint_model(source)
+    model.eval()
+    if not switched_layers(model):
+        print(f"dynconv viz: {config.model.name} has no switched convs; nothing to draw", file=sys.stderr)
+        return EXIT_ERROR
+    task = model_task(config.model.name)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in args.images:
+        image = load_image(path)
+        if task == "classification":
+            from .data.classification import CIFAR10_MEAN, CIFAR10_STD
+
+            mean = torch.tensor(config.data.options.get("mean", CIFAR10_MEAN)).view(3, 1, 1)
+            std = torch.tensor(config.data.options.get("std", CIFAR10_STD)).view(3, 1, 1)
+            image = (image - mean) / std
+        elif task == "reconstruction":
+            h, w = image.shape[1:]
+            image = image[:, : h - h % 4, : w - w % 4]
+        written += save_selector_maps(model, image[None], out / Path(path).stem)
+    stats = {name: {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+             for name, s in routing_stats(model).items()}
+    (out / "routing.json").write_text(json.dumps({"checkpoint": str(source), "step": meta.get("step"), "layers": stats}, indent=2))
+    print(f"wrote {len(written)} PNGs and routing.json to {out} (checkpoint {source})")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``dynconv``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":
+        from . import demo
+
+        demo.main(argv[1:])
+        return EXIT_OK
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    from .config import ConfigError
+
+    handlers = {"train": _cmd_train, "eval": _cmd_eval, "convert": _cmd_convert, "viz": _cmd_viz}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as error:
+        print(f"dynconv {args.command}: config error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        if type(error).__name__ in ("CheckpointError", "DatasetError", "FileNotFoundError"):
+            print(f"dynconv {args.command}: {error}", file=sys.stderr)
+            return EXIT_ERROR
+        raise
+
+
+def run() -> None:  # console-script wrapper
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,966 @@
+"""The training engine: HF Accelerate, exact resume, staged conversion, checkpoints, logging.
+
+``Trainer(config, run_dir).fit()`` trains; :func:`evaluate` scores a run or checkpoint.
+See ``docs/training.md`` for the run directory layout and the guarantees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import json
+import math
+import os
+import signal
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import Config, ConfigError, ConvertConfig, load_config, save_config
+from . import checkpoint as ckpt
+from .ema import EMA
+from .grad_checkpoint import enable_block_checkpointing
+from .logging import RunLogger
+from .schedule import set_lr
+
+TASK_INPUT = {"classification": "image", "super_resolution": "lr", "reconstruction": "image"}
+DEFAULT_METRICS = {
+    "classification": ["accuracy"],
+    "super_resolution": ["psnr_y", "ssim_y"],
+    "reconstruction": ["psnr", "mse"],
+}
+# metric -> (tasks it applies to, 'max' if higher is better else 'min')
+METRICS: dict[str, tuple[tuple[str, ...], str]] = {
+    "accuracy": (("classification",), "max"),
+    "top5": (("classification",), "max"),
+    "psnr_y": (("super_resolution",), "max"),
+    "ssim_y": (("super_resolution",), "max"),
+    "psnr": (("super_resolution", "reconstruction"), "max"),
+    "mse": (("super_resolution", "reconstruction"), "min"),
+    "l1": (("super_resolution", "reconstruction"), "min"),
+    "perplexity": (("reconstruction",), "max"),
+    "loss": (("classification", "super_resolution", "reconstruction"), "min"),
+}
+
+
+class TrainingError(RuntimeError):
+    """Training stopped (e.g. a NaN/inf loss); the message names the step and the checkpoint."""
+
+
+@dataclass
+class FitResult:
+    step: int
+    total_steps: int
+    interrupted: bool = False
+    checkpoint: Path | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    best: dict[str, Any] | None = None
+
+
+# ---------------------------------------------------------------------------- registries
+def _registries():
+    from .. import data, losses, models  # noqa: F401  (importing registers the built-ins)
+
+    return models, data, losses
+
+
+def _accepted(fn) -> tuple[set[str], bool]:
+    params = inspect.signature(fn).parameters.values()
+    names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return names, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def check_config(config: Config, *, training: bool = True) -> str:
+    """Check every name and option of ``config`` against the registries, before anything is
+    built; raise :class:`ConfigError` naming the key path. Returns the model's task."""
+    models, data, losses = _registries()
+    if config.model.name not in models.MODELS:
+        raise ConfigError("model.name", f"unknown model {config.model.name!r}; expected one of {sorted(models.MODELS)}")
+    accepted = models.model_options(config.model.name)
+    for key in config.model.options:
+        if key not in accepted:
+            raise ConfigError(f"model.options.{key}", f"unknown option of model {config.model.name!r}; expected one of {sorted(accepted)}")
+    task = models.model_task(config.model.name)
+    if config.data.name not in data.DATASETS:
+        raise ConfigError("data.name", f"unknown dataset {config.data.name!r}; expected one of {sorted(data.DATASETS)}")
+    names, var_kw = _accepted(data.DATASETS[config.data.name])
+    names.discard("split")
+    for section in ("options", "train_options", "eval_options"):
+        for key in getattr(config.data, section):
+            if not var_kw and key not in names:
+                raise ConfigError(f"data.{section}.{key}", f"unknown option of dataset {config.data.name!r}; expected one of {sorted(names)}")
+            if key == "seed":
+                raise ConfigError(f"data.{section}.seed", "the data seed is train.seed; not a dataset option")
+            if key == "on_bad_file":
+                raise ConfigError(f"data.{section}.on_bad_file", "set data.on_bad_file, not a dataset option")
+            if key == "root" and section == "options":
+                raise ConfigError("data.options.root", "set data.root (or a per-split root in data.train_options / data.eval_options)")
+    if config.data.root is not None and "root" not in names and not var_kw:
+        raise ConfigError("data.root", f"dataset {config.data.name!r} takes no root (it has options {sorted(names)})")
+    if config.data.root is None and "root" in names:
+        param = inspect.signature(data.DATASETS[config.data.name]).parameters["root"]
+        if param.default is inspect.Parameter.empty:
+            raise ConfigError("data.root", f"dataset {config.data.name!r} needs a root (a path)")
+    if config.data.device_cache and task != "classification":
+        raise ConfigError("data.device_cache", f"only for classification datasets (cifar10, image_folder); model {config.model.name!r} is {task}")
+    for i, term in enumerate(config.losses):
+        if term.name not in losses.LOSSES:
+            raise ConfigError(f"losses[{i}].name", f"unknown loss {term.name!r}; expected one of {sorted(losses.LOSSES)}")
+        lnames, lvar = _accepted(losses.LOSSES[term.name])
+        for key in term.options:
+            if key == "weight":
+                raise ConfigError(f"losses[{i}].options.weight", f"set the weight as losses[{i}].weight, not as an option")
+            if not lvar and key not in lnames:
+                raise ConfigError(f"losses[{i}].options.{key}", f"unknown option of loss {term.name!r}; expected one of {sorted(lnames)}")
+    for i, name in enumerate(config.eval.metrics):
+        if name not in METRICS:
+            raise ConfigError(f"eval.metrics[{i}]", f"unknown metric {name!r}; expected one of {sorted(METRICS)}")
+        if task not in METRICS[name][0]:
+            usable = sorted(m for m, (tasks, _) in METRICS.items() if task in tasks)
+            raise ConfigError(f"eval.metrics[{i}]", f"metric {name!r} does not apply to {task} model {config.model.name!r}; expected one of {usable}")
+    if config.train.precision == "fp16" and _use_cpu(config):
+        raise ConfigError("train.precision", "fp16 needs a GPU (loss scaling with GradScaler); on CPU use bf16 or fp32")
+    if config.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device", "cuda requested but torch.cuda.is_available() is False; use auto or cpu")
+    if config.convert is not None and config.train.steps is not None and config.convert.step > config.train.steps:
+        raise ConfigError("convert.step", f"expected a step <= train.steps ({config.train.steps}), got {config.convert.step}")
+    if config.model.init is not None and training:
+        try:
+            ckpt.resolve_checkpoint(config.model.init)
+        except ckpt.CheckpointError as error:
+            raise ConfigError("model.init", str(error)) from None
+    return task
+
+
+def _use_cpu(config: Config) -> bool:
+    return config.train.device == "cpu" or (config.train.device == "auto" and not torch.cuda.is_available())
+
+
+# ------------------------------------------------------------------------------- models
+def apply_conversion(model: nn.Module, record: dict[str, Any]) -> list[str]:
+    """Apply one conversion record (``{"to", "include", "kwargs", ...}``) to ``model``."""
+    from ..convert import convert
+
+    include = record.get("converted") or record["include"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        names = convert(model, to=record["to"], include=list(include), **record.get("kwargs", {}))
+    return list(names)
+
+
+def conversion_record(cfg: ConvertConfig, step: int | None = None) -> dict[str, Any]:
+    return {"to": cfg.to, "include": list(cfg.include), "kwargs": cfg.layer_kwargs(), "step": step}
+
+
+def build_model(config: Config, conversions: list[dict[str, Any]] = ()) -> nn.Module:
+    from ..models import build_model as build
+
+    model = build(config.model.name, **copy.deepcopy(config.model.options))
+    for record in conversions:
+        apply_conversion(model, record)
+    return model
+
+
+def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ckpt.CheckpointError(
+            f"{where} does not match the model: missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''} "
+            "(is it from another model, or converted differently?)"
+        )
+
+
+def load_checkpoint_model(checkpoint: str | Path, config: Config | None = None, *, ema: bool = False) -> tuple[nn.Module, Config, dict]:
+    """Rebuild the model of a checkpoint (its conversions applied) and load its weights
+    (the EMA weights with ``ema=True`` when present). Returns ``(model, config, meta)``."""
+    path = ckpt.resolve_checkpoint(checkpoint)
+    meta = ckpt.read_meta(path)
+    if config is None:
+        config = config_of_checkpoint(path)
+    model = build_model(config, meta.get("conversions", []))
+    weights_file = path / (ckpt.EMA_FILE if ema and (path / ckpt.EMA_FILE).is_file() else ckpt.MODEL_FILE)
+    load_model_weights(model, ckpt.load_weights(weights_file), str(weights_file))
+    return model, config, meta
+
+
+def config_of_checkpoint(path: str | Path) -> Config:
+    path = Path(path)
+    for candidate in (path / "config.yaml", path.parent.parent / "config.yaml", path.parent / "config.yaml"):
+        if candidate.is_file():
+            return load_config(candidate)
+    raise FileNotFoundError(f"no config.yaml in {path} or its run directory; pass the config explicitly")
+
+
+# ------------------------------------------------------------------------------ sampling
+class EpochBatchSampler:
+    """Batches of indices for one rank: a permutation seeded by ``(seed, epoch)``, split
+    across ``world`` ranks, full batches only. ``set_epoch(epoch, start)`` starts at batch
+    ``start`` of the epoch (resuming mid-epoch)."""
+
+    def __init__(self, n: int, batch_size: int, *, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1) -> None:
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.rank, self.world = rank, world
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return (self.n // self.world) // self.batch_size
+
+    def order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)
+        state = np.random.SeedSequence([int(self.seed), int(self.epoch), 0x5EED]).generate_state(1, np.uint64)[0]
+        gen = torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+        return torch.randperm(self.n, generator=gen)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        per_rank = self.n // self.world
+        mine = self.order()[: per_rank * self.world][self.rank :: self.world]
+        for b in range(self.start, len(self)):
+            yield mine[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+
+
+class _ShardedDeviceLoader:
+    """A :class:`~dynconv.data.DeviceLoader` over global batches, each rank keeping its slice;
+    ``set_epoch(epoch, start)`` skips ``start`` batches."""
+
+    def __init__(self, loader, batch_size: int, rank: int, world: int) -> None:
+        self.loader, self.batch_size, self.rank, self.world = loader, batch_size, rank, world
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.loader.set_epoch(epoch)
+        self.start = start
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i < self.start:
+                continue
+            if self.world == 1:
+                yield batch
+            else:
+                lo = self.rank * self.batch_size
+                yield {k: v[lo : lo + self.batch_size] for k, v in batch.items()}
+
+
+def to_channels_last(model: nn.Module) -> None:
+    """Channels-last memory format for every 4-D parameter and buffer (``Module.to`` refuses
+    models that also hold 5-D tensors, such as a switched conv's experts)."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.dim() == 4:
+                t.data = t.data.contiguous(memory_format=torch.channels_last)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool = False) -> dict[str, Any]:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if channels_last and v.dim() == 4 and v.is_floating_point():
+                v = v.contiguous(memory_format=torch.channels_last)
+        out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------------------- accelerate
+def _distributed_env() -> bool:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+def make_accelerator(config: Config):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    if not _distributed_env():
+        # A single process may train several models in turn (tests, `eval` after `train`):
+        # start from a fresh Accelerate state each time.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.train.precision]
+    return Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=config.train.accumulate,
+        cpu=_use_cpu(config),
+        step_scheduler_with_optimizer=False,
+    )
+
+
+# ------------------------------------------------------------------------------- metrics
+def _shave(outputs: dict, batch: dict) -> int:
+    return max(int(batch["hr"].shape[-1] // batch["lr"].shape[-1]), 0)
+
+
+def _target_and_pred(task: str, outputs: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    if task == "super_resolution":
+        return outputs["sr"], batch["hr"]
+    return outputs["reconstruction"], batch["image"]
+
+
+def per_sample_metric(name: str, task: str, outputs: dict, batch: dict) -> torch.Tensor:
+    """Metric ``name`` per example ``(N,)`` (float64)."""
+    from .. import metrics as M
+
+    if name == "accuracy":
+        return (outputs["logits"].argmax(1) == batch["label"]).double()
+    if name == "top5":
+        k = min(5, outputs["logits"].shape[1])
+        return (outputs["logits"].topk(k, 1).indices == batch["label"][:, None]).any(1).double()
+    if name in ("psnr_y", "ssim_y"):
+        fn = M.psnr_y if name == "psnr_y" else M.ssim_y
+        return fn(outputs["sr"].float().clamp(0, 1), batch["hr"].float(), shave=_shave(outputs, batch)).double()
+    if name == "perplexity":
+        value = outputs.get("perplexity")
+        n = batch["image"].shape[0]
+        return torch.full((n,), float("nan") if value is None else float(value), dtype=torch.float64)
+    pred, target = _target_and_pred(task, outputs, batch)
+    pred, target = pred.float(), target.float()
+    if task == "super_resolution":
+        pred = pred.clamp(0, 1)
+    diff = (pred - target).flatten(1)
+    if name == "mse":
+        return diff.pow(2).mean(1).double()
+    if name == "l1":
+        return diff.abs().mean(1).double()
+    if name == "psnr":
+        data_range = 1.0 if task == "super_resolution" else float(target.max() - target.min()) or 1.0
+        mse = diff.double().pow(2).mean(1).clamp_min(1e-20)
+        return 10 * torch.log10(data_range**2 / mse)
+    raise KeyError(name)
+
+
+def _routing_tb_image(selection: torch.Tensor, breadth: int) -> torch.Tensor:
+    """(H, W) expert indices -> (3, H, W) colours."""
+    tab10 = torch.tensor([
+        [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
+        [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207],
+    ], dtype=torch.float32) / 255.0
+    if breadth > 10:
+        import colorsys
+
+        tab10 = torch.tensor([colorsys.hsv_to_rgb(i / breadth, 0.75, 0.9) for i in range(breadth)], dtype=torch.float32)
+    return tab10[selection.long().cpu()].permute(2, 0, 1)
+
+
+def _display(image: torch.Tensor) -> torch.Tensor:
+    img = image.detach().float().cpu()
+    img = img[:3] if img.shape[0] >= 3 else img[:1].expand(3, -1, -1)
+    lo, hi = img.min(), img.max()
+    return (img - lo) / (hi - lo).clamp_min(1e-8)
+
+
+# ------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Train ``config`` into ``run_dir`` (``resume=True``: continue from its latest checkpoint).
+
+    ``mode='eval'`` builds only what evaluation needs (no optimizer, no training data).
+    """
+
+    def __init__(self, config: Config, run_dir: str | Path, *, resume: bool = False, mode: str = "train",
+                 checkpoint: str | Path | None = None) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.mode = mode
+        self.task = check_config(config, training=mode == "train")
+        self.accelerator = make_accelerator(config)
+        acc = self.accelerator
+        self.device = acc.device
+        self.rank, self.world = acc.process_index, acc.num_processes
+        self.is_main = acc.is_main_process
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.best: dict[str, Any] | None = None
+        self.last_metrics: dict[str, float] = {}
+        self._interrupt = False
+        self._in_update = False
+        self._last_saved_step: int | None = None
+        self.logger = RunLogger(self.run_dir, enabled=False, tensorboard=False, progress=False, total_steps=0)
+        self.conversion_checks: list[dict[str, float]] = []
+
+        from accelerate.utils import set_seed
+
+        set_seed(config.train.seed)
+        resume_from = None
+        if resume:
+            resume_from = ckpt.latest_checkpoint(self.ckpt_dir)
+            if resume_from is None:
+                raise ckpt.CheckpointError(f"--resume: no complete checkpoint in {self.ckpt_dir}")
+        # -- model (conversion records first, so the architecture matches the weights)
+        init_weights = None
+        if resume_from is not None:
+            self.conversions = list(ckpt.read_meta(resume_from).get("conversions", []))
+        elif checkpoint is not None:
+            self.conversions = list(ckpt.read_meta(ckpt.resolve_checkpoint(checkpoint)).get("conversions", []))
+        elif config.model.init is not None:
+            init = ckpt.resolve_checkpoint(config.model.init)
+            self.conversions = list(ckpt.read_meta(init).get("conversions", []))
+            init_weights = (init, ckpt.load_weights(init / ckpt.MODEL_FILE))
+        else:
+            self.conversions = []
+        self.raw = build_model(config, self.conversions)
+        if init_weights is not None:
+            load_model_weights(self.raw, init_weights[1], str(init_weights[0]))
+        self.raw.to(self.device)
+        if config.train.channels_last:
+            to_channels_last(self.raw)
+        self._build_losses()
+        self.metric_names = list(config.eval.metrics) or list(DEFAULT_METRICS[self.task])
+        self.best_metric = config.eval.best_metric or self.metric_names[0]
+        self.best_mode = config.eval.best_mode if config.eval.best_metric else METRICS[self.best_metric][1]
+        self.eval_dataset = self._dataset(config.data.eval_split, config.data.eval_options)
+        if mode == "eval":
+            self.ema = None
+            return
+        # -- data
+        self.train_dataset = self._dataset(config.data.train_split, config.data.train_options)
+        self.train_loader = self._train_loader()
+        self.batches_per_epoch = len(self.train_loader)
+        if self.batches_per_epoch == 0:
+            raise ConfigError("train.batch_size", f"the training set ({len(self.train_dataset)} items over {self.world} process(es)) "
+                              f"holds no full batch of {config.train.batch_size}")
+        steps_per_epoch = max(self.batches_per_epoch // config.train.accumulate, 1)
+        self.total_steps = config.train.steps if config.train.steps is not None else config.train.epochs * steps_per_epoch
+        # -- optimizer, EMA
+        self.optimizer = self._make_optimizer(self.raw)
+        self.ema = EMA(self.raw, config.train.ema) if config.train.ema is not None else None
+        if resume_from is not None:
+            self._load_resume_state(resume_from)
+        self._prepare()
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.run_dir / "config.yaml")
+            ckpt.remove_stale_temporaries(self.ckpt_dir)
+        self.resumed_from = resume_from
+
+    # -- building ---------------------------------------------------------------------------
+    def _dataset(self, split: str, split_options: dict):
+        from ..data import DATASETS, build_dataset
+
+        cfg = self.config.data
+        names, var_kw = _accepted(DATASETS[cfg.name])
+        options = dict(cfg.options)
+        if cfg.root is not None:
+            options["root"] = cfg.root
+        options.update(split_options)  # a split may have its own root
+        if "seed" in names or var_kw:
+            options["seed"] = self.config.train.seed
+        if "on_bad_file" in names or var_kw:
+            options["on_bad_file"] = cfg.on_bad_file
+        return build_dataset(cfg.name, split, **options)
+
+    def _train_loader(self):
+        cfg = self.config
+        if cfg.data.device_cache:
+            from ..data import DeviceLoader
+
+            ds = self.train_dataset
+            loader = DeviceLoader(
+                ds, cfg.train.batch_size * self.world, self.device, shuffle=True, seed=cfg.train.seed,
+                augment="crop_flip" if getattr(ds, "augment", True) else None, pad=int(getattr(ds, "pad", 4)), drop_last=True,
+            )
+            return _ShardedDeviceLoader(loader, cfg.train.batch_size, self.rank, self.world)
+        sampler = EpochBatchSampler(len(self.train_dataset), cfg.train.batch_size, seed=cfg.train.seed,
+                                    rank=self.rank, world=self.world)
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            generator=torch.Generator(),  # loaders draw their base seed from it, not the global RNG
+        )
+        return _SamplerLoader(loader, sampler, self.train_dataset)
+
+    def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        o = self.config.optim
+        params = [p for p in model.parameters() if p.requires_grad]
+        if o.name == "sgd":
+            return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+        cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+        return cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+    def _build_losses(self) -> None:
+        from ..losses import build_loss
+
+        self.loss_terms = []
+        for term in self.config.losses:
+            fn = build_loss(term.name, **term.options)
+            if isinstance(fn, nn.Module):
+                fn.to(self.device)
+            self.loss_terms.append((term.name, term.weight, fn, bool(getattr(fn, "needs_model", False))))
+
+    def _prepare(self) -> None:
+        cfg = self.config
+        if cfg.train.checkpointing:
+            if enable_block_checkpointing(self.raw) == 0:
+                warnings.warn(f"train.checkpointing: model {cfg.model.name!r} defines no checkpoint_blocks(); nothing is checkpointed")
+        module = torch.compile(self.raw) if cfg.train.compile else self.raw
+        self.model, self.optimizer = self.accelerator.prepare(module, self.optimizer)
+
+    # -- forward / loss ----------------------------------------------------------------------
+    def forward(self, model: nn.Module, batch: dict) -> dict:
+        out = model(batch[TASK_INPUT[self.task]])
+        if isinstance(out, torch.Tensor):
+            out = {"logits": out} if self.task == "classification" else {"sr": out} if self.task == "super_resolution" else {"reconstruction": out}
+        return out
+
+    def loss(self, outputs: dict, batch: dict, model: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted sum of the loss terms and each (unweighted) term. Terms with
+        ``needs_model`` (translational consistency) are called as ``fn(model, batch, step)``."""
+        total, terms = 0.0, {}
+        for name, weight, fn, needs_model in self.loss_terms:
+            if needs_model:
+                value = fn(model if model is not None else self.model, batch, self.step)
+            else:
+                value = fn(outputs, batch)
+            key = name if name not in terms else f"{name}_{len(terms)}"
+            terms[key] = value.detach()
+            total = total + weight * value.float()
+        return total, terms
+
+    # -- data stream -------------------------------------------------------------------------
+    def _micro_batches(self) -> Iterator[dict]:
+        while True:
+            self.train_loader.set_epoch(self.epoch, self.batch_in_epoch)
+            for batch in self.train_loader:
+                self.batch_in_epoch += 1
+                yield _to_device(batch, self.device, self.config.train.channels_last)
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    # -- state -------------------------------------------------------------------------------
+    def _optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def _state(self, position: tuple[int, int], gather_rng: bool) -> dict[str, Any]:
+        rng = ckpt.rng_state()
+        if gather_rng and self.world > 1:
+            rngs: list = [None] * self.world
+            torch.distributed.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        scaler = self.accelerator.scaler
+        return {
+            "step": self.step,
+            "epoch": position[0],
+            "batch_in_epoch": position[1],
+            "optimizer": self._optimizer().state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rngs,
+            "world_size": self.world,
+            "best": json.dumps(self.best) if self.best else None,
+            "buffers": ckpt.nonpersistent_buffers(self.raw),
+        }
+
+    def save(self, position: tuple[int, int] | None = None, *, gather_rng: bool = True, reason: str = "periodic") -> Path | None:
+        """Write a checkpoint of the current step (main process; RNG states of every rank)."""
+        position = position or (self.epoch, self.batch_in_epoch)
+        state = self._state(position, gather_rng)
+        path = None
+        if self.is_main:
+            meta = {"conversions": self.conversions, "metrics": self.last_metrics, "reason": reason,
+                    "model": self.config.model.name, "task": self.task, "epoch": position[0],
+                    "total_steps": self.total_steps}
+            path = ckpt.save_checkpoint(
+                self.ckpt_dir, self.step, model_state=self.raw.state_dict(), state=state, meta=meta,
+                ema_state=self.ema.state_dict() if self.ema is not None else None,
+            )
+            save_config(self.config, path / "config.yaml")
+            ckpt.prune_checkpoints(self.ckpt_dir, self.config.log.keep_last)
+            self.logger.event("checkpoint", self.step, path=str(path), reason=reason)
+        self._last_saved_step = self.step
+        if gather_rng and self.world > 1:
+            self.accelerator.wait_for_everyone()
+        return path if path is not None else self.ckpt_dir / ckpt.checkpoint_name(self.step)
+
+    def _load_resume_state(self, path: Path) -> None:
+        load_model_weights(self.raw, ckpt.load_weights(path / ckpt.MODEL_FILE, self.device), str(path))
+        state = ckpt.load_state(path)
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self._optimizer().load_state_dict(state["optimizer"])
+        self._resume_scaler = state.get("scaler")
+        if self.ema is not None and (path / ckpt.EMA_FILE).is_file():
+            self.ema.load_state_dict(ckpt.load_weights(path / ckpt.EMA_FILE, self.device))
+        rngs = state["rng"]
+        if len(rngs) != self.world:
+            warnings.warn(f"resuming on {self.world} process(es) from a checkpoint written by {len(rngs)}: "
+                          "RNG streams (dropout, selector dropout) differ from an uninterrupted run")
+        ckpt.set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
+        ckpt.load_nonpersistent_buffers(self.raw, state.get("buffers", {}))
+        self.best = json.loads(state["best"]) if state.get("best") else None
+        self._last_saved_step = self.step
+
+    # -- staged conversion ----------------------------------------------------------------------
+    def convert_now(self, batch: dict | None = None) -> dict[str, float]:
+        """Convert the model per ``config.convert`` at the current step: rebuild the optimizer
+        (old parameters keep their state; new ones start fresh), the EMA and the DDP wrapper.
+        With ``batch``, the loss on it is computed in eval mode before and after (logged)."""
+        cfg = self.config.convert
+        acc = self.accelerator
+        check: dict[str, float] = {}
+        if batch is not None:
+            check["loss_before"] = self._eval_loss(batch)
+        old_opt = self._optimizer()
+        self.raw = acc.unwrap_model(self.model, keep_fp32_wrapper=False)
+        if hasattr(self.raw, "_orig_mod"):  # torch.compile
+            self.raw = self.raw._orig_mod
+        acc.free_memory()
+        old_params = dict(self.raw.named_parameters())
+        record = conversion_record(cfg, self.step)
+        record["converted"] = apply_conversion(self.raw, {**record, "converted": None})
+        if not record["converted"]:
+            warnings.warn(f"convert: no nn.Conv2d matched {cfg.include}; the model is unchanged")
+        self.conversions.append(record)
+        self.raw.to(self.device)
+        if self.config.train.channels_last:
+            to_channels_last(self.raw)
+        new_opt = self._make_optimizer(self.raw)
+        for group, old_group in zip(new_opt.param_groups, old_opt.param_groups):
+            for key in ("initial_lr", "lr"):
+                if key in old_group:
+                    group[key] = old_group[key]
+        # surviving parameters keep their state; a converted layer's parameter keeps the
+        # state of the one it replaces when name and shape agree (a switched conv's bias)
+        for name, p in self.raw.named_parameters():
+            old = old_params.get(name)
+            if old is None or old not in old_opt.state:
+                continue
+            if old is p:
+                new_opt.state[p] = old_opt.state[old]
+            elif old.shape == p.shape:
+                new_opt.state[p] = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in old_opt.state[old].items()}
+        self.optimizer = new_opt
+        if self.ema is not None:
+            self.ema = EMA(self.raw, self.config.train.ema)
+        self._prepare()
+        if batch is not None:
+            check["loss_after"] = self._eval_loss(batch)
+            check["difference"] = abs(check["loss_after"] - check["loss_before"])
+        self.conversion_checks.append(check)
+        self.logger.event("conversion", self.step, converted=record["converted"], to=cfg.to, **check)
+        self.logger.write(f"step {self.step}: converted {len(record['converted'])} conv(s) to {cfg.to}"
+                          + (f" (loss on the next batch {check['loss_before']:.6g} -> {check['loss_after']:.6g})" if check else ""))
+        return check
+
+    @torch.no_grad()
+    def _eval_loss(self, batch: dict) -> float:
+        was = self.raw.training
+        self.raw.eval()
+        try:
+            outputs = self.forward(self.raw, batch)
+            loss, _ = self.loss(outputs, batch, model=self.raw)
+        finally:
+            self.raw.train(was)
+        return float(loss)
+
+    # -- SIGINT --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _sigint(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            if self._interrupt:  # second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self._interrupt = True
+            self.logger.write("interrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort)")
+
+        signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    # -- training loop -------------------------------------------------------------------------
+    def fit(self, max_steps: int | None = None) -> FitResult:
+        """Train to ``total_steps`` (or stop after step ``max_steps``, saving a checkpoint).
+
+        Raises :class:`TrainingError` on a NaN/inf loss after saving a checkpoint of the
+        last good step. Ctrl-C saves a checkpoint at the end of the current step and returns
+        with ``interrupted=True``.
+        """
+        cfg = self.config
+        acc = self.accelerator
+        stop_at = self.total_steps if max_steps is None else min(max_steps, self.total_steps)
+        self.logger = RunLogger(self.run_dir, enabled=self.is_main, tensorboard=cfg.log.tensorboard,
+                                progress=cfg.log.progress, total_steps=self.total_steps, initial_step=self.step)
+        log = self.logger
+        if self.resumed_from is None:
+            log.event("start", self.step, total_steps=self.total_steps, world_size=self.world, device=str(self.device),
+                      precision=cfg.train.precision, config=cfg.to_dict())
+        else:
+            log.event("resume", self.step, checkpoint=str(self.resumed_from), world_size=self.world)
+        if getattr(self, "_resume_scaler", None) and acc.scaler is not None:
+            acc.scaler.load_state_dict(self._resume_scaler)
+        global_batch = cfg.train.batch_size * cfg.train.accumulate * self.world
+        stream = self._micro_batches()
+        result = FitResult(step=self.step, total_steps=self.total_steps)
+        window_loss, window_terms, window_steps, window_start = 0.0, {}, 0, time.perf_counter()
+        position = (self.epoch, self.batch_in_epoch)
+        try:
+            with self._sigint():
+                while self.step < stop_at:
+                    position = (self.epoch, self.batch_in_epoch)
+                    batch = next(stream)
+                    if cfg.convert is not None and self.step >= cfg.convert.step and not self._converted_at_config():
+                        self.convert_now(batch)
+                    lr = set_lr(self._optimizer(), cfg.schedule, self.step, self.total_steps)
+                    self.model.train()
+                    loss_sum = torch.zeros((), device=self.device)
+                    term_sums: dict[str, torch.Tensor] = {}
+                    for micro in range(cfg.train.accumulate):
+                        if micro:
+                            batch = next(stream)
+                        with acc.accumulate(self.model):
+                            outputs = self.forward(self.model, batch)
+                            loss, terms = self.loss(outputs, batch)
+                            acc.backward(loss)
+                        loss_sum += loss.detach().float()
+                        for k, v in terms.items():
+                            term_sums[k] = term_sums.get(k, 0.0) + v.float()
+                    # one collective per step: the mean loss and the interrupt flag of every rank
+                    flags = torch.stack([loss_sum / cfg.train.accumulate,
+                                         torch.tensor(float(self._interrupt), device=self.device)])
+                    flags = acc.reduce(flags, "sum") if self.world > 1 else flags
+                    mean_loss = float(flags[0]) / self.world
+                    if not math.isfinite(mean_loss):
+                        self._optimizer().zero_grad(set_to_none=True)
+                        path = self.save(position, reason="nonfinite")
+                        log.event("nonfinite", self.step + 1, loss=mean_loss, checkpoint=str(path))
+                        raise TrainingError(
+                            f"non-finite loss ({mean_loss}) at step {self.step + 1}; stopped. The last good state "
+                            f"(step {self.step}) is saved in {path}. Lower optim.lr, enable optim.grad_clip or use "
+                            "train.precision fp32, then resume with --resume."
+                        )
+                    if cfg.optim.grad_clip is not None:
+                        acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+                    self._in_update = True
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.step += 1
+                    if self.ema is not None:
+                        self.ema.update(self.raw)
+                    position = (self.epoch, self.batch_in_epoch)
+                    self._in_update = False
+                    window_loss += mean_loss
+                    window_steps += 1
+                    for k, v in term_sums.items():
+                        window_terms[k] = window_terms.get(k, 0.0) + float(v) / cfg.train.accumulate
+                    log.progress(1, loss=mean_loss, lr=lr)
+                    interrupted = float(flags[1]) > 0
+                    # -- logging
+                    if self.step % cfg.log.every == 0 or self.step == stop_at:
+                        elapsed = time.perf_counter() - window_start
+                        record = {"loss": window_loss / window_steps, "lr": lr,
+                                  "samples_per_s": window_steps * global_batch / max(elapsed, 1e-9), "epoch": self.epoch,
+                                  **{f"loss/{k}": v / window_steps for k, v in window_terms.items()}}
+                        log.event("train", self.step, **record)
+                        log.scalars(self.step, {"train/loss": record["loss"], "train/lr": lr,
+                                                "train/samples_per_s": record["samples_per_s"],
+                                                **{f"train/{k}": v for k, v in record.items() if k.startswith("loss/")}})
+                        log.routing(self.step, self._routing_stats())
+                        window_loss, window_terms, window_steps, window_start = 0.0, {}, 0, time.perf_counter()
+                    if cfg.log.images_every and self.step % cfg.log.images_every == 0:
+                        self._log_images()
+                    # -- evaluation (best checkpoint), checkpoints
+                    improved = False
+                    if self.step % cfg.eval.every == 0 or self.step == self.total_steps:
+                        improved = self._evaluate_and_track()
+                    if (self.step % cfg.log.checkpoint_every == 0 or improved or self.step == stop_at or interrupted):
+                        path = self.save(reason="interrupt" if interrupted else "periodic")
+                        result.checkpoint = path
+                        if improved and self.is_main:
+                            ckpt.write_best(self.ckpt_dir, path, self.best_metric, self.best["value"], self.step)
+                            ckpt.prune_checkpoints(self.ckpt_dir, cfg.log.keep_last)
+                    if interrupted:
+                        result.interrupted = True
+                        log.event("interrupt", self.step, checkpoint=str(result.checkpoint))
+                        log.write(f"interrupted: saved {result.checkpoint} at step {self.step}; resume with --resume {self.run_dir}")
+                        break
+        except KeyboardInterrupt:
+            # a second Ctrl-C (or one outside the main thread): save the state of the last
+            # completed step (with the data position of that step), unless the weights were
+            # being updated when it came
+            self._optimizer().zero_grad(set_to_none=True)
+            result.interrupted = True
+            if self._in_update:
+                log.write(f"interrupted during the weight update of step {self.step + 1}: no checkpoint written; "
+                          f"resume from the last one in {self.ckpt_dir}")
+            else:
+                result.checkpoint = self.save(position, gather_rng=False, reason="interrupt")
+                log.event("interrupt", self.step, checkpoint=str(result.checkpoint))
+                log.write(f"interrupted: saved {result.checkpoint} at step {self.step}; resume with --resume {self.run_dir}")
+        finally:
+            log.close()
+        result.step = self.step
+        result.metrics = dict(self.last_metrics)
+        result.best = self.best
+        if self.is_main and self.last_metrics and self.step == self.total_steps:
+            ckpt.atomic_write_text(self.run_dir / "metrics.json", json.dumps(
+                {"step": self.step, "metrics": self.last_metrics, "best": self.best}, indent=2))
+        return result
+
+    def _converted_at_config(self) -> bool:
+        return any(r.get("step") is not None for r in self.conversions)
+
+    def _routing_stats(self) -> dict:
+        from ..insight import routing_stats
+
+        return routing_stats(self.raw)
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if getattr(self, "ema", None) is not None else self.raw
+
+    @torch.no_grad()
+    def evaluate(self, max_batches: int | None = None) -> dict[str, float]:
+        """Metrics over the eval split (sharded across ranks, reduced), means per example."""
+        cfg = self.config
+        model = self.eval_model()
+        was = model.training
+        model.eval()
+        max_batches = cfg.eval.max_batches if max_batches is None else max_batches
+        ds = self.eval_dataset
+        indices = list(range(len(ds)))[self.rank :: self.world]
+        loader = torch.utils.data.DataLoader(ds, batch_size=cfg.eval.batch_size, sampler=indices,
+                                             num_workers=cfg.data.num_workers, generator=torch.Generator())
+        names = self.metric_names
+        sums = torch.zeros(len(names) + 1, dtype=torch.float64)
+        try:
+            for i, batch in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                batch = _to_device(batch, self.device, cfg.train.channels_last)
+                with self.accelerator.autocast():
+                    outputs = self.forward(model, batch)
+                n = batch[TASK_INPUT[self.task]].shape[0]
+                for j, name in enumerate(names):
+                    if name == "loss":
+                        loss, _ = self.loss(outputs, batch, model=model)
+                        sums[j] += float(loss) * n
+                    else:
+                        sums[j] += per_sample_metric(name, self.task, outputs, batch).sum().cpu()
+                sums[-1] += n
+        finally:
+            model.train(was)
+        if self.world > 1:
+            sums = self.accelerator.reduce(sums.to(self.device), "sum").cpu()
+        count = max(float(sums[-1]), 1.0)
+        return {name: float(sums[j]) / count for j, name in enumerate(names)}
+
+    def _evaluate_and_track(self) -> bool:
+        metrics = self.evaluate()
+        self.last_metrics = metrics
+        self.logger.event("eval", self.step, **metrics)
+        self.logger.scalars(self.step, metrics, prefix="eval/")
+        self.logger.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        value = metrics.get(self.best_metric)
+        if value is None or not math.isfinite(value):
+            return False
+        better = self.best is None or (value > self.best["value"] if self.best_mode == "max" else value < self.best["value"])
+        if better:
+            self.best = {"metric": self.best_metric, "value": value, "step": self.step}
+        return better
+
+    @torch.no_grad()
+    def _log_images(self) -> None:
+        if not self.is_main or self.logger.writer is None or len(self.eval_dataset) == 0:
+            return
+        from ..insight import selector_maps
+
+        item = self.eval_dataset[0]
+        batch = _to_device({k: v[None] if isinstance(v, torch.Tensor) else v for k, v in item.items()}, self.device)
+        x = batch[TASK_INPUT[self.task]]
+        model = self.raw
+        if self.task != "classification":
+            was = model.training
+            model.eval()
+            try:
+                outputs = self.forward(model, batch)
+            finally:
+                model.train(was)
+            pred, target = _target_and_pred(self.task, outputs, batch)
+            if self.task == "super_resolution":
+                self.logger.image("samples/output", pred[0].clamp(0, 1), self.step)
+                self.logger.image("samples/target", target[0], self.step)
+            else:
+                self.logger.image("samples/reconstruction", _display(pred[0]), self.step)
+                self.logger.image("samples/input", _display(target[0]), self.step)
+        maps = selector_maps(model, x)
+        for name, selection in maps.items():
+            breadth = model.get_submodule(name).breadth
+            self.logger.image(f"selector/{name or 'layer'}", _routing_tb_image(selection[0], breadth), self.step)
+
+
+class _SamplerLoader:
+    """A DataLoader over an :class:`EpochBatchSampler`; ``set_epoch`` sets both the sampler
+    and the dataset (per-sample augmentation is seeded by ``(seed, epoch, index)``)."""
+
+    def __init__(self, loader, sampler: EpochBatchSampler, dataset) -> None:
+        self.loader, self.sampler, self.dataset = loader, sampler, dataset
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+# ------------------------------------------------------------------------------ evaluate
+def evaluate(config_or_run_dir: str | Path | Config, checkpoint: str | Path | None = None, *,
+             overrides: list[str] | None = None, max_batches: int | None = None, write: bool = True) -> dict[str, Any]:
+    """Score a trained model on the eval split: a run directory (its best checkpoint, else
+    the latest), a checkpoint directory, or a config plus ``checkpoint``. Writes
+    ``metrics.json`` into the run directory (or next to the checkpoint). Returns
+    ``{"metrics": {...}, "checkpoint": path, "step": N}``."""
+    if isinstance(config_or_run_dir, Config):
+        config, run_dir = config_or_run_dir, None
+    else:
+        source = Path(config_or_run_dir)
+        if source.is_dir() and not (source / "config.yaml").is_file() and checkpoint is None:
+            raise FileNotFoundError(f"{source} holds no config.yaml (expected a run directory or a checkpoint directory)")
+        if source.is_dir() and ckpt.is_complete(source) and checkpoint is None:
+            checkpoint = source
+        config = load_config(source, overrides or [])
+        run_dir = source if source.is_dir() else None
+    if checkpoint is None:
+        if run_dir is None:
+            raise ValueError("evaluating a config file needs --checkpoint (or pass a run directory)")
+        checkpoint = run_dir
+    path = ckpt.resolve_checkpoint(checkpoint)
+    meta = ckpt.read_meta(path)
+    trainer = Trainer(config, run_dir or path.parent, mode="eval", checkpoint=path)
+    use_ema = config.train.ema is not None and (path / ckpt.EMA_FILE).is_file()
+    weights = path / (ckpt.EMA_FILE if use_ema else ckpt.MODEL_FILE)
+    load_model_weights(trainer.raw, ckpt.load_weights(weights, trainer.device), str(weights))
+    metrics = trainer.evaluate(max_batches=max_batches)
+    result = {"metrics": metrics, "checkpoint": str(path), "step": meta.get("step"), "weights": weights.name,
+              "model": config.model.name, "dataset": config.data.name, "split": config.data.eval_split}
+    if write and trainer.is_main:
+        out_dir = run_dir if run_dir is not None else path.parent
+        ckpt.atomic_write_text(Path(out_dir) / "metrics.json", json.dumps(result, indent=2))
+        result["written"] = str(Path(out_dir) / "metrics.json")
+    return result

@@ -1,0 +1,117 @@
+"""The ``dynconv`` command line: help with examples, train / resume / eval / convert / viz on a
+tiny SR run, config errors as exit status 2, the demo passthrough, ``python -m dynconv``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dynconv import cli
+from dynconv.train import checkpoint as ckpt
+
+from test_train import make_sr_data, sr_config  # noqa: E402  (tests/ is on sys.path under pytest)
+
+
+@pytest.fixture(scope="module")
+def sr_root(tmp_path_factory) -> Path:
+    return make_sr_data(tmp_path_factory.mktemp("sr"), size=16)
+
+
+def write_config(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["convert"], ["viz"]])
+def test_help_has_examples(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(command + ["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: dynconv" in out and "examples:" in out
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == cli.EXIT_USAGE
+    assert "commands:" in capsys.readouterr().out
+
+
+def test_demo_passes_its_arguments(monkeypatch):
+    import dynconv.demo
+
+    seen = []
+    monkeypatch.setattr(dynconv.demo, "main", lambda argv=None: seen.append(argv))
+    assert cli.main(["demo", "--quick", "--out", "x"]) == 0
+    assert seen == [["--quick", "--out", "x"]]
+
+
+def test_config_errors_exit_2_with_key_path(tmp_path, sr_root, capsys):
+    raw = sr_config(sr_root)
+    raw["train"]["bacth_size"] = 3
+    assert cli.main(["train", str(write_config(tmp_path / "bad.yaml", raw))]) == cli.EXIT_USAGE
+    assert "config error: train.bacth_size: unknown key" in capsys.readouterr().err
+    good = write_config(tmp_path / "good.yaml", sr_config(sr_root))
+    assert cli.main(["train", str(good), "--set", "model.name=resnet19"]) == cli.EXIT_USAGE
+    assert "model.name: unknown model 'resnet19'" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_train_resume_eval_convert_viz(tmp_path, sr_root, capsys):
+    raw = sr_config(sr_root, model={"name": "sr_plain", "options": {"channels": 4, "num_layers": 3}},
+                    train={"steps": 4}, eval={"every": 2})
+    config = write_config(tmp_path / "plain.yaml", raw)
+    run = tmp_path / "plain"
+    # train half, refuse to overwrite, resume to the end
+    assert cli.main(["train", str(config), "--run-dir", str(run), "--max-steps", "2"]) == 0
+    assert cli.main(["train", str(config), "--run-dir", str(run)]) == cli.EXIT_USAGE
+    assert "--resume" in capsys.readouterr().err
+    assert cli.main(["train", "--resume", str(run)]) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert ckpt.latest_checkpoint(run / "checkpoints").name == "step_00000004"
+    # eval prints and writes metrics.json
+    assert cli.main(["eval", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "psnr_y" in out and json.loads((run / "metrics.json").read_text())["metrics"]["psnr_y"] > 0
+    # convert: same outputs, the new checkpoint rebuilds the switched model
+    converted = tmp_path / "converted"
+    assert cli.main(["convert", str(run), "--to", "switched", "--include", "body.*", "--breadth", "3",
+                     "--selector", "lambda", "-o", str(converted)]) == 0
+    out = capsys.readouterr().out
+    assert "converted 1 conv(s)" in out and "max |output difference|" in out
+    meta = ckpt.read_meta(converted)
+    assert meta["conversions"][0]["converted"] == ["body.0.conv"] and meta["max_output_difference"] < 1e-5
+    from dynconv.train import load_checkpoint_model
+
+    model, _, _ = load_checkpoint_model(converted)
+    assert type(model.body[0].conv).__name__ == "SwitchedConv2d"
+    plain, _, _ = load_checkpoint_model(run)
+    x = torch.rand(1, 3, 10, 10)
+    torch.testing.assert_close(model.eval()(x), plain.eval()(x), atol=1e-5, rtol=1e-5)
+    assert cli.main(["eval", str(converted)]) == 0
+    # stage 2: train on from the converted checkpoint
+    stage2 = tmp_path / "stage2"
+    assert cli.main(["train", str(config), "--set", f"model.init={converted}", "--set", "train.steps=1",
+                     "--run-dir", str(stage2)]) == 0
+    assert ckpt.read_meta(ckpt.latest_checkpoint(stage2 / "checkpoints"))["conversions"][0]["to"] == "switched"
+    # viz: selector maps and usage charts
+    from PIL import Image
+
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (12, 10), (200, 30, 60)).save(image)
+    assert cli.main(["viz", str(stage2), str(image), "-o", str(tmp_path / "maps")]) == 0
+    pngs = sorted(p.name for p in (tmp_path / "maps" / "photo").iterdir())
+    assert pngs == ["body_0_conv_image0.png", "body_0_conv_usage.png"]
+    assert "body.0.conv" in json.loads((tmp_path / "maps" / "routing.json").read_text())["layers"]
+    # viz of a model without switched convs fails cleanly
+    assert cli.main(["viz", str(run), str(image), "-o", str(tmp_path / "none")]) == cli.EXIT_ERROR
+
+
+def test_python_dash_m_dynconv():
+    proc = subprocess.run([sys.executable, "-m", "dynconv", "convert", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--include" in proc.stdout

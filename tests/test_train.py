@@ -1,0 +1,298 @@
+"""The training engine on CPU: tiny end-to-end runs (classification, SR, VQ-VAE), exact
+resume, staged conversion, NaN/inf stop, Ctrl-C, gradient checkpointing, bf16."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dynconv.config import config_from_dict
+from dynconv.train import Trainer, TrainingError, evaluate
+from dynconv.train import checkpoint as ckpt
+
+
+# ------------------------------------------------------------------------- tiny data + configs
+def _write_png(path: Path, size: int, rng: np.random.Generator) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = rng.integers(0, 256, (size // 4, size // 4, 3)).astype(np.uint8)
+    img = np.kron(base, np.ones((4, 4, 1), dtype=np.uint8))  # blocky: some structure to learn
+    img = np.clip(img.astype(int) + rng.integers(-8, 9, img.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(img).save(path)
+
+
+def make_sr_data(root: Path, train: int = 6, test: int = 2, size: int = 24) -> Path:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train), ("test", test)):
+        for i in range(n):
+            _write_png(root / split / f"img{i}.png", size, rng)
+    return root
+
+
+def make_class_data(root: Path, per_class: int = 4, size: int = 8) -> Path:
+    rng = np.random.default_rng(1)
+    for split, n in (("train", per_class), ("test", 1)):
+        for c in ("cat", "dog"):
+            for i in range(n):
+                _write_png(root / split / c / f"{i}.png", size, rng)
+    return root
+
+
+def sr_config(root: Path, **sections) -> dict:
+    cfg = {
+        "model": {"name": "sr_switched", "options": {"channels": 4, "num_layers": 3,
+                                                      "layer": {"breadth": 3, "norm_buffer": 2}}},
+        "data": {"name": "sr_folder", "root": str(root), "options": {"scale": 2},
+                 "train_options": {"patch_size": 12}},
+        "train": {"steps": 4, "batch_size": 2, "seed": 0},
+        "losses": [{"name": "l1"}],
+        "optim": {"name": "adamw", "lr": 0.01},
+        "eval": {"every": 100},
+        "log": {"every": 1, "checkpoint_every": 100, "progress": False, "tensorboard": False},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def sr_root(tmp_path_factory) -> Path:
+    return make_sr_data(tmp_path_factory.mktemp("sr"))
+
+
+@pytest.fixture(scope="module")
+def class_root(tmp_path_factory) -> Path:
+    return make_class_data(tmp_path_factory.mktemp("cls"))
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return ckpt.load_weights(ckpt.latest_checkpoint(Path(run_dir) / "checkpoints") / ckpt.MODEL_FILE)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------------------------- end to end
+def test_classification_train_and_eval(tmp_path, class_root):
+    cfg = config_from_dict({
+        "model": {"name": "resnet18_cifar", "options": {"num_classes": 2, "width": 4, "block_conv2": "switched",
+                                                        "layer": {"breadth": 2}}},
+        "data": {"name": "image_folder", "root": str(class_root)},
+        "train": {"steps": 3, "batch_size": 4, "seed": 0},
+        "losses": [{"name": "cross_entropy", "options": {"label_smoothing": 0.1}}],
+        "optim": {"name": "sgd", "lr": 0.05},
+        "eval": {"every": 3, "metrics": ["accuracy", "loss"]},
+        "log": {"every": 1, "progress": False, "tensorboard": True, "images_every": 3},
+    })
+    result = Trainer(cfg, tmp_path / "run").fit()
+    assert result.step == 3 and set(result.metrics) == {"accuracy", "loss"}
+    assert 0.0 <= result.metrics["accuracy"] <= 1.0
+    assert (tmp_path / "run" / "config.yaml").is_file() and list((tmp_path / "run" / "tb").iterdir())
+    events = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    kinds = {e["event"] for e in events}
+    assert {"start", "train", "routing", "eval", "checkpoint"} <= kinds
+    routing = next(e for e in events if e["event"] == "routing")
+    assert routing["layers"] and all("entropy" in s for s in routing["layers"].values())
+    scored = evaluate(tmp_path / "run")
+    assert scored["metrics"]["accuracy"] == pytest.approx(result.metrics["accuracy"])
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"] == scored["metrics"]
+
+
+def test_classification_device_cache_resumes_exactly(tmp_path, class_root):
+    raw = {
+        "model": {"name": "resnet18_cifar", "options": {"num_classes": 2, "width": 4}},
+        "data": {"name": "image_folder", "root": str(class_root), "device_cache": True},
+        "train": {"steps": 3, "batch_size": 4},  # 8 images: 2 batches per epoch
+        "losses": [{"name": "cross_entropy"}],
+        "eval": {"every": 100, "max_batches": 1},
+        "log": {"progress": False, "tensorboard": False},
+    }
+    assert Trainer(config_from_dict(raw), tmp_path / "full").fit().step == 3
+    Trainer(config_from_dict(raw), tmp_path / "split").fit(max_steps=1)
+    Trainer(config_from_dict(raw), tmp_path / "split", resume=True).fit()
+    assert_same_weights(final_weights(tmp_path / "full"), final_weights(tmp_path / "split"))
+
+
+def test_sr_train_and_eval(tmp_path, sr_root):
+    cfg = config_from_dict(sr_config(sr_root, eval={"every": 2}, log={"images_every": 2, "tensorboard": True}))
+    result = Trainer(cfg, tmp_path / "run").fit()
+    assert set(result.metrics) == {"psnr_y", "ssim_y"} and result.metrics["psnr_y"] > 5
+    best = json.loads((tmp_path / "run" / "checkpoints" / "best.json").read_text())
+    assert best["metric"] == "psnr_y"
+    scored = evaluate(tmp_path / "run", tmp_path / "run" / "checkpoints" / "step_00000004")
+    assert scored["metrics"]["psnr_y"] == pytest.approx(result.metrics["psnr_y"])
+
+
+def test_vqvae_train_and_eval(tmp_path, class_root):
+    cfg = config_from_dict({
+        "model": {"name": "vqvae", "options": {"hidden_channels": 8, "residual_channels": 4, "residual_layers": 1,
+                                               "embedding_dim": 4, "num_embeddings": 8}},
+        "data": {"name": "image_folder", "root": str(class_root), "options": {"augment": False}},
+        "train": {"steps": 2, "batch_size": 4},
+        "losses": [{"name": "mse"}, {"name": "vq_commitment", "weight": 1.0}],
+        "eval": {"every": 2},
+        "log": {"progress": False, "tensorboard": False},
+    })
+    result = Trainer(cfg, tmp_path / "run").fit()
+    assert set(result.metrics) == {"psnr", "mse"} and np.isfinite(result.metrics["mse"])
+    assert evaluate(tmp_path / "run")["metrics"]["mse"] == pytest.approx(result.metrics["mse"])
+
+
+# -------------------------------------------------------------------------------- resume
+def test_exact_resume(tmp_path, sr_root):
+    """N steps + resume + N steps == 2N steps, bitwise: weights, EMA and optimizer state
+    (3 batches per epoch, accumulation 2: the resume point is mid-epoch; selector dropout
+    and augmentation exercise the RNG and the data position)."""
+    raw = sr_config(sr_root, train={"steps": 4, "accumulate": 2, "ema": 0.9},
+                    model={"name": "sr_switched", "options": {"channels": 4, "num_layers": 3,
+                                                             "layer": {"breadth": 3, "norm_buffer": 2, "selector_dropout": 0.3}}},
+                    eval={"every": 2})
+    full = Trainer(config_from_dict(raw), tmp_path / "full").fit()
+    first = Trainer(config_from_dict(raw), tmp_path / "split").fit(max_steps=2)
+    assert first.step == 2 and first.checkpoint.name == "step_00000002"
+    resumed = Trainer(config_from_dict(raw), tmp_path / "split", resume=True)
+    assert resumed.step == 2 and (resumed.epoch, resumed.batch_in_epoch) == (1, 1)
+    second = resumed.fit()
+    assert second.step == full.step == 4
+    assert_same_weights(final_weights(tmp_path / "full"), final_weights(tmp_path / "split"))
+    last = lambda run: ckpt.latest_checkpoint(tmp_path / run / "checkpoints")  # noqa: E731
+    assert_same_weights(ckpt.load_weights(last("full") / ckpt.EMA_FILE), ckpt.load_weights(last("split") / ckpt.EMA_FILE))
+    a, b = ckpt.load_state(last("full")), ckpt.load_state(last("split"))
+    for key in a["optimizer"]["state"]:
+        for name, value in a["optimizer"]["state"][key].items():
+            assert torch.equal(value, b["optimizer"]["state"][key][name])
+    assert second.metrics == full.metrics
+
+
+def test_resume_without_checkpoint_fails(tmp_path, sr_root):
+    with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"):
+        Trainer(config_from_dict(sr_config(sr_root)), tmp_path / "empty", resume=True)
+
+
+# -------------------------------------------------------------------------------- staged
+@pytest.mark.parametrize("to", ["switched", "condconv"])
+def test_staged_conversion_keeps_loss_continuous(tmp_path, sr_root, to):
+    raw = sr_config(sr_root, model={"name": "sr_plain", "options": {"channels": 4, "num_layers": 4}},
+                    train={"steps": 3}, convert={"step": 2, "to": to, "include": ["body.*"], "breadth": 3})
+    trainer = Trainer(config_from_dict(raw), tmp_path / "run")
+    head_weight = trainer.raw.head.weight
+    result = trainer.fit()
+    assert result.step == 3
+    (check,) = trainer.conversion_checks
+    assert check["difference"] < 1e-5, check
+    layer_type = "SwitchedConv2d" if to == "switched" else "CondConv2d"
+    assert type(trainer.raw.body[0].conv).__name__ == layer_type
+    # the surviving parameters kept their optimizer state; the new ones started at conversion
+    state = trainer._optimizer().state
+    assert trainer.raw.head.weight is head_weight and int(state[head_weight]["step"]) == 3
+    assert int(state[trainer.raw.body[0].conv.weight]["step"]) == 1
+    bias_steps = int(state[trainer.raw.body[0].conv.bias]["step"])
+    assert bias_steps == (3 if to == "switched" else 1)  # a switched conv's bias is the conv's bias
+    meta = ckpt.read_meta(ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints"))
+    assert meta["conversions"][0]["step"] == 2 and meta["conversions"][0]["converted"] == ["body.0.conv", "body.1.conv"]
+    # the checkpoint rebuilds the converted model
+    assert evaluate(tmp_path / "run")["metrics"]["psnr_y"] == pytest.approx(result.metrics["psnr_y"])
+
+
+def test_resume_across_staged_conversion_is_exact(tmp_path, sr_root):
+    raw = sr_config(sr_root, model={"name": "sr_plain", "options": {"channels": 4, "num_layers": 3}},
+                    train={"steps": 4}, convert={"step": 2, "include": ["body.*"], "breadth": 2})
+    Trainer(config_from_dict(raw), tmp_path / "full").fit()
+    Trainer(config_from_dict(raw), tmp_path / "split").fit(max_steps=3)
+    Trainer(config_from_dict(raw), tmp_path / "split", resume=True).fit()
+    assert_same_weights(final_weights(tmp_path / "full"), final_weights(tmp_path / "split"))
+
+
+# ----------------------------------------------------------------------------- stopping
+def _register_test_loss():
+    from dynconv.losses import LOSSES, register_loss
+
+    if "test_scripted" in LOSSES:
+        return
+
+    @register_loss("test_scripted")
+    class ScriptedLoss(torch.nn.Module):
+        """L1, but returns NaN / raises SIGINT on the call numbers given (for tests)."""
+
+        calls = 0
+
+        def __init__(self, nan_at: int = -1, sigint_at: int = -1) -> None:
+            super().__init__()
+            self.nan_at, self.sigint_at, self.calls = nan_at, sigint_at, 0
+
+        def forward(self, outputs, batch):
+            self.calls += 1
+            loss = (outputs["sr"] - batch["hr"]).abs().mean()
+            if self.calls == self.sigint_at:
+                os.kill(os.getpid(), signal.SIGINT)
+            if self.calls == self.nan_at:
+                loss = loss * float("nan")
+            return loss
+
+
+def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path, sr_root):
+    _register_test_loss()
+    raw = sr_config(sr_root, losses=[{"name": "test_scripted", "options": {"nan_at": 3}}], train={"steps": 5})
+    with pytest.raises(TrainingError, match=r"non-finite loss .* at step 3") as info:
+        Trainer(config_from_dict(raw), tmp_path / "run").fit()
+    assert "step_00000002" in str(info.value)
+    latest = ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert latest.name == "step_00000002" and ckpt.read_meta(latest)["reason"] == "nonfinite"
+    events = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "nonfinite" and e["step"] == 3 for e in events)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, sr_root):
+    _register_test_loss()
+    raw = sr_config(sr_root, losses=[{"name": "test_scripted", "options": {"sigint_at": 2}}], train={"steps": 4})
+    result = Trainer(config_from_dict(raw), tmp_path / "run").fit()
+    assert result.interrupted and result.step == 2 and result.checkpoint.name == "step_00000002"
+    assert ckpt.read_meta(result.checkpoint)["reason"] == "interrupt"
+    raw["losses"] = [{"name": "l1"}]
+    assert Trainer(config_from_dict(raw), tmp_path / "run", resume=True).fit().step == 4
+
+
+# --------------------------------------------------------------------- engine options
+def test_gradient_checkpointing_gives_the_same_training(tmp_path, sr_root):
+    """Recomputation runs with statistics frozen and buffers restored: weights and SwitchNorm
+    buffers match a run without checkpointing (each buffer updated once per step)."""
+    runs = {}
+    for flag in (False, True):
+        raw = sr_config(sr_root, train={"steps": 3, "checkpointing": flag})
+        trainer = Trainer(config_from_dict(raw), tmp_path / f"run{flag}")
+        trainer.fit()
+        runs[flag] = trainer.raw.state_dict()
+    for key in runs[False]:
+        torch.testing.assert_close(runs[True][key], runs[False][key], rtol=1e-5, atol=1e-6, msg=key)
+    assert int(runs[True]["body.0.conv.norm.write_index"]) == int(runs[False]["body.0.conv.norm.write_index"])
+
+
+def test_bf16_channels_last_grad_clip_step_schedule_on_cpu(tmp_path, sr_root):
+    raw = sr_config(sr_root, train={"steps": 2, "precision": "bf16", "channels_last": True}, optim={"grad_clip": 1.0},
+                    schedule={"name": "step", "milestones": [1], "warmup_steps": 0})
+    result = Trainer(config_from_dict(raw), tmp_path / "run").fit()
+    assert result.step == 2
+    events = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    lrs = [e["lr"] for e in events if e["event"] == "train"]
+    assert lrs == pytest.approx([0.01, 0.001])
+
+
+def test_epochs_and_keep_last(tmp_path, sr_root):
+    raw = sr_config(sr_root, train={"steps": None, "epochs": 2},
+                    log={"checkpoint_every": 1, "keep_last": 2}, eval={"every": 1})
+    trainer = Trainer(config_from_dict(raw), tmp_path / "run")
+    assert trainer.total_steps == 6  # 6 images / batch 2 = 3 steps per epoch
+    trainer.fit()
+    steps = [s for s, _ in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")]
+    best = ckpt.read_best(tmp_path / "run" / "checkpoints")
+    assert steps[-2:] == [5, 6] and set(steps) <= {5, 6, best["step"]}
