@@ -1,0 +1,106 @@
+"""CPU path for ``involution2d``: a loop over the ``K*K`` taps on strided views, no unfold buffer.
+
+Why: ``F.unfold`` builds a ``K*K``-times larger patch tensor and autograd keeps it for
+backward (49x the input at K=7). Each tap's input window here is a strided *view* of
+the (padded) input, multiplied into an fp32 accumulator in place; backward does the
+same in reverse, with an explicit formula instead of autograd, so nothing K*K-sized is
+ever stored. The batch is processed in chunks small enough for the accumulator and the
+input window to stay in cache across the taps.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+# Fill outputs with NaN first (tests) so unwritten elements show up.
+POISON_OUTPUTS = os.environ.get("DYNCONV_POISON_OUTPUTS", "0") == "1"
+Pair = tuple[int, int]
+
+# Elements of one chunk's output accumulator: ~1 MiB of fp32 keeps a chunk L2-resident.
+CHUNK_ELEMENTS = 1 << 18
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _chunk(n: int, per_example: int) -> int:
+    return max(1, min(n, CHUNK_ELEMENTS // max(1, per_example)))
+
+
+def _window(t: torch.Tensor, a: int, b: int, ho: int, wo: int, s, d) -> torch.Tensor:
+    """View of ``t`` (padded input) seen by tap ``(a, b)``: ``(N, C, H_out, W_out)``."""
+    h0, w0 = a * d[0], b * d[1]
+    return t[:, :, h0 : h0 + s[0] * (ho - 1) + 1 : s[0], w0 : w0 + s[1] * (wo - 1) + 1 : s[1]]
+
+
+def involution2d_cpu_forward(
+    x: torch.Tensor, kernel: torch.Tensor, kernel_size: Pair, stride: Pair, padding: Pair, dilation: Pair, groups: int
+) -> torch.Tensor:
+    """Forward pass; geometry arguments are int pairs."""
+    n, c, _, _ = x.shape
+    kh, kw = kernel_size
+    ho, wo = kernel.shape[3], kernel.shape[4]
+    xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
+    y = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device)
+    if POISON_OUTPUTS:
+        y.fill_(float("nan"))
+    step = _chunk(n, c * ho * wo)
+    acc_dtype = _acc_dtype(x.dtype)
+    for n0 in range(0, n, step):
+        xc, kc = xp[n0 : n0 + step], kernel[n0 : n0 + step]
+        b = xc.shape[0]
+        acc = torch.zeros((b, groups, c // groups, ho, wo), dtype=acc_dtype, device=x.device)
+        for a in range(kh):
+            for bb in range(kw):
+                xs = _window(xc, a, bb, ho, wo, stride, dilation).unflatten(1, (groups, c // groups))
+                acc.addcmul_(xs, kc[:, :, a * kw + bb].unsqueeze(2))
+        y[n0 : n0 + step] = acc.view(b, c, ho, wo)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        y = y.contiguous(memory_format=torch.channels_last)
+    return y
+
+
+def involution2d_cpu_backward(
+    grad: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, kernel_size: Pair, stride: Pair, padding: Pair,
+    dilation: Pair, groups: int, need_input: bool = True, need_kernel: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(grad_x, grad_kernel)``; a skipped one is an empty tensor."""
+    n, c, h, w = x.shape
+    kh, kw = kernel_size
+    ph, pw = padding
+    ho, wo = kernel.shape[3], kernel.shape[4]
+    cg = c // groups
+    grad = grad.to(x.dtype)
+    xp = F.pad(x, (pw, pw, ph, ph)) if any(padding) else x
+    acc_dtype = _acc_dtype(x.dtype)
+    grad_x = grad_k = x.new_empty(0)
+    gxp = torch.zeros(xp.shape, dtype=acc_dtype, device=x.device) if need_input else None
+    if need_kernel:
+        grad_k = torch.empty(kernel.shape, dtype=kernel.dtype, device=kernel.device)
+        if POISON_OUTPUTS:
+            grad_k.fill_(float("nan"))
+    step = _chunk(n, c * ho * wo)
+    for n0 in range(0, n, step):
+        dy = grad[n0 : n0 + step].unflatten(1, (groups, cg))
+        if need_kernel and acc_dtype != x.dtype:
+            dy32 = dy.to(acc_dtype)
+        else:
+            dy32 = dy
+        for a in range(kh):
+            for bb in range(kw):
+                t = a * kw + bb
+                if need_input:
+                    gxs = _window(gxp[n0 : n0 + step], a, bb, ho, wo, stride, dilation).unflatten(1, (groups, cg))
+                    gxs.addcmul_(dy, kernel[n0 : n0 + step, :, t].unsqueeze(2))
+                if need_kernel:
+                    xs = _window(xp[n0 : n0 + step], a, bb, ho, wo, stride, dilation).unflatten(1, (groups, cg))
+                    grad_k[n0 : n0 + step, :, t] = torch.linalg.vecdot(dy32, xs.to(acc_dtype), dim=2)
+    if need_input:
+        grad_x = gxp[:, :, ph : ph + h, pw : pw + w].to(x.dtype)
+        fmt = torch.channels_last if (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()) else torch.contiguous_format
+        grad_x = grad_x.contiguous(memory_format=fmt)
+    return grad_x, grad_k

@@ -1,0 +1,204 @@
+"""Fast ``cond_conv2d`` backends against the float64 reference: outputs and all gradients.
+
+Without CUDA the Triton kernels run through Triton's interpreter (tiny shapes). Outputs
+are poisoned with NaN before launch so unwritten elements fail the comparison.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import dynconv.ops._custom_ops_cond_inv  # noqa: E402,F401  (registers the backends)
+from dynconv.ops import cond_conv2d  # noqa: E402
+from dynconv.ops.condconv import BACKENDS, reference_cond_conv2d  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HAS_TRITON = "triton" in BACKENDS
+
+# max |fast - reference| / max |reference|; the reference is float64 math on the same (rounded) inputs
+TOL = {torch.float32: 5e-3 if DEVICE == "cuda" else 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    from dynconv.ops import involution_cpu
+
+    monkeypatch.setattr(involution_cpu, "POISON_OUTPUTS", True)
+    if HAS_TRITON:
+        from dynconv.ops import condconv_triton
+
+        monkeypatch.setattr(condconv_triton, "POISON_OUTPUTS", True)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def run_case(
+    backend, n, cin, cout, hw, k, groups, experts, stride, padding, dilation,
+    dtype=torch.float32, bias=True, channels_last=False, noncontig=False, seed=0,
+):
+    gen = torch.Generator().manual_seed(seed)
+    h, w = hw
+    x = torch.randn(n, cin, h, w, generator=gen).to(dtype)
+    weight = (torch.randn(experts, cout, cin // groups, k, k, generator=gen) / k).to(dtype)
+    b = torch.randn(experts, cout, generator=gen).to(dtype) if bias else None
+    r = torch.rand(n, experts, generator=gen).to(dtype)
+
+    # float64 reference on the rounded inputs
+    ref_in = [t.double().requires_grad_() if t is not None else None for t in (x, weight, b, r)]
+    y_ref = reference_cond_conv2d(ref_in[0], ref_in[1], ref_in[2], ref_in[3], stride, padding, dilation, groups)
+    dy = torch.randn(y_ref.shape, generator=gen).to(dtype)
+    y_ref.backward(dy.double())
+
+    xd = x.to(DEVICE)
+    if channels_last:
+        xd = xd.contiguous(memory_format=torch.channels_last)
+    if noncontig:
+        big = torch.zeros(n, cin, h, 2 * w, dtype=dtype, device=DEVICE)
+        big[..., ::2] = xd
+        xd = big[..., ::2]
+        assert not xd.is_contiguous()
+    args = [xd, weight.to(DEVICE), b.to(DEVICE) if bias else None, r.to(DEVICE)]
+    for t in args:
+        if t is not None:
+            t.requires_grad_()
+    y = cond_conv2d(*args, stride, padding, dilation, groups, backend=backend)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    g = dy.to(DEVICE)
+    if noncontig:
+        g = g[:, :, :, :1].expand_as(y) if y.shape[-1] > 1 else g
+        dy_used = g.double().cpu()
+        ref_in = [t.detach().requires_grad_() if t is not None else None for t in ref_in]
+        y_ref2 = reference_cond_conv2d(ref_in[0], ref_in[1], ref_in[2], ref_in[3], stride, padding, dilation, groups)
+        y_ref2.backward(dy_used)
+    y.backward(g)
+    tol = TOL[dtype]
+    assert torch.isfinite(y).all()
+    assert _rel(y.detach().cpu(), y_ref.detach()) < tol, "output"
+    names = ("x", "weight", "bias", "routing_weights")
+    for name, got, want in zip(names, args, ref_in):
+        if got is None:
+            continue
+        assert got.grad is not None and got.grad.dtype == dtype, name
+        assert torch.isfinite(got.grad).all(), f"grad {name} has NaN (unwritten element?)"
+        err = _rel(got.grad.cpu(), want.grad)
+        assert err < tol, f"grad {name}: rel err {err:.2e} >= {tol:.0e}"
+
+
+# (n, cin, cout, (h, w), k, groups, experts, stride, padding, dilation, options)
+CASES = {
+    "dense": (2, 16, 16, (6, 5), 3, 1, 3, 1, 1, 1, {}),
+    "dense-wide-stride2-nobias": (2, 20, 40, (7, 6), 3, 1, 4, 2, 1, 1, {"bias": False}),
+    "groups2-dilation2-cl": (3, 12, 8, (7, 7), 3, 2, 2, 1, 2, 2, {"channels_last": True}),
+    "depthwise-k3": (2, 6, 6, (7, 7), 3, 6, 4, 1, 1, 1, {}),
+    "depthwise-k5-mult2-stride2-cl": (2, 6, 12, (8, 7), 5, 6, 3, 2, 2, 1, {"channels_last": True}),
+    "depthwise-k3-dil2-noncontig": (2, 5, 5, (6, 6), 3, 5, 2, 1, 2, 2, {"noncontig": True}),
+    "dense-noncontig-rect": (2, 8, 16, (5, 6), (3), 1, 2, (1, 2), (1, 0), 1, {"noncontig": True}),
+    "dense-bf16": (2, 16, 24, (5, 5), 3, 1, 4, 1, 1, 1, {"dtype": torch.bfloat16}),
+    "dense-fp16-cl": (2, 16, 16, (5, 6), 3, 2, 3, 1, 1, 1, {"dtype": torch.float16, "channels_last": True}),
+    "depthwise-bf16": (2, 8, 8, (6, 6), 5, 8, 3, 1, 2, 1, {"dtype": torch.bfloat16}),
+    "depthwise-fp16": (2, 8, 8, (6, 6), 3, 8, 8, 2, 1, 1, {"dtype": torch.float16}),
+}
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_matches_reference(case):
+    n, cin, cout, hw, k, groups, e, s, p, d, opts = CASES[case]
+    run_case("triton", n, cin, cout, hw, k, groups, e, s, p, d, **opts)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("case", ["dense", "dense-wide-stride2-nobias", "groups2-dilation2-cl", "dense-bf16"])
+def test_triton_premixed_kernels_match_reference(case, monkeypatch):
+    """The large-image path (experts mixed once by a GEMM) against the reference."""
+    from dynconv.ops import condconv_triton
+
+    monkeypatch.setattr(condconv_triton, "PREMIX_MIN_P_TILES", 1)
+    n, cin, cout, hw, k, groups, e, s, p, d, opts = CASES[case]
+    run_case("triton", n, cin, cout, hw, k, groups, e, s, p, d, **opts)
+
+
+CPU_CASES = [c for c in CASES if CASES[c][-1].get("dtype") != torch.float16]
+
+
+@pytest.mark.parametrize("case", CPU_CASES)
+def test_cpu_matches_reference(case):
+    n, cin, cout, hw, k, groups, e, s, p, d, opts = CASES[case]
+    run_case("cpu", n, cin, cout, hw, k, groups, e, s, p, d, **opts)
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))])
+def test_partial_gradients(backend):
+    """Only routing weights require grad (frozen experts, fixed input): the skipped gradients stay None."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, 5, 5, generator=gen, device="cpu").to(DEVICE)
+    w = torch.randn(3, 8, 8, 3, 3, generator=gen).to(DEVICE)
+    b = torch.randn(3, 8, generator=gen).to(DEVICE)
+    r = torch.rand(2, 3, generator=gen).to(DEVICE).requires_grad_()
+    cond_conv2d(x, w, b, r, 1, 1, backend=backend).square().sum().backward()
+    r_ref = r.detach().cpu().double().requires_grad_()
+    reference_cond_conv2d(x.cpu().double(), w.cpu().double(), b.cpu().double(), r_ref, 1, 1).square().sum().backward()
+    assert x.grad is None and w.grad is None
+    assert _rel(r.grad.cpu(), r_ref.grad) < TOL[torch.float32] * 10
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))])
+def test_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 8, 6, 6, generator=gen).to(DEVICE).requires_grad_()
+    w = torch.randn(3, 8, 4, 3, 3, generator=gen).to(DEVICE).requires_grad_()
+    r = torch.rand(2, 3, generator=gen).to(DEVICE).requires_grad_()
+
+    def f(x, w, r):
+        return cond_conv2d(x, w, None, torch.softmax(r, 1), 1, 1, 1, 2, backend=backend).square().mean()
+
+    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(x, w, r)
+    loss.backward()
+    grads = [t.grad.clone() for t in (x, w, r)]
+    for t in (x, w, r):
+        t.grad = None
+    f(x, w, r).backward()
+    for got, t in zip(grads, (x, w, r)):
+        torch.testing.assert_close(got, t.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_picks_cpu_backend_on_cpu():
+    assert "cpu" in BACKENDS
+    x = torch.randn(1, 4, 5, 5)
+    w = torch.randn(2, 4, 4, 3, 3)
+    r = torch.rand(1, 2)
+    torch.testing.assert_close(cond_conv2d(x, w, None, r, 1, 1), reference_cond_conv2d(x, w, None, r, 1, 1))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_triton_errors_name_the_argument():
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(2, 4, 4, 3, 3, dtype=torch.float64, device=DEVICE)
+    r = torch.rand(1, 2, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="x must be one of"):
+        cond_conv2d(x, w, None, r, 1, 1, backend="triton")
+    with pytest.raises(TypeError, match="weight dtype must match x"):
+        cond_conv2d(x.float(), w, None, r, 1, 1, backend="triton")
+    with pytest.raises(TypeError, match="padding must be an int or a pair"):
+        cond_conv2d(x.float(), w.float(), None, r, 1, "same", backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))])
+def test_empty_batch(backend):
+    x = torch.randn(0, 8, 5, 5, device=DEVICE, requires_grad=True)
+    w = torch.randn(2, 8, 8, 3, 3, device=DEVICE, requires_grad=True)
+    r = torch.rand(0, 2, device=DEVICE, requires_grad=True)
+    y = cond_conv2d(x, w, None, r, 1, 1, backend=backend)
+    assert y.shape == (0, 8, 5, 5)
+    y.sum().backward()
+    assert w.grad is not None and not w.grad.any()
