@@ -92,8 +92,9 @@ class SwitchNorm(nn.Module):
                 RuntimeWarning,
                 stacklevel=4,
             )
-        row = self.usage[self.write_index]
-        self.usage[self.write_index] = torch.where(finite, usage.to(self.usage.dtype), row)
+        slot = self.write_index.view(1)  # tensor indexing: no host sync, no data-dependent guard
+        row = self.usage.index_select(0, slot)
+        self.usage.index_copy_(0, slot, torch.where(finite, usage.to(self.usage.dtype).view(1, -1), row))
         advanced = self.write_index + finite.long()
         wrapped = advanced >= self.buffer_size
         self.filled.logical_or_(wrapped)
