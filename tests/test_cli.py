@@ -1,5 +1,5 @@
-"""The ``dynconv`` command line: help with examples, train / resume / eval / convert / viz on a
-tiny SR run, config errors as exit status 2, the demo passthrough, ``python -m dynconv``."""
+"""The ``dynconv`` command line: help with examples, train / resume / eval / convert / viz / info
+on a tiny SR run, config errors as exit status 2, the demo passthrough, ``python -m dynconv``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from dynconv import cli
+from dynconv.models import flops
 from dynconv.train import checkpoint as ckpt
 
 from test_train import make_sr_data, sr_config  # noqa: E402  (tests/ is on sys.path under pytest)
@@ -28,7 +29,7 @@ def write_config(path: Path, raw: dict) -> Path:
     return path
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["convert"], ["viz"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["convert"], ["viz"], ["info"]])
 def test_help_has_examples(command, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(command + ["--help"])
@@ -78,6 +79,8 @@ def test_train_resume_eval_convert_viz(tmp_path, sr_root, capsys):
     assert cli.main(["eval", str(run)]) == 0
     out = capsys.readouterr().out
     assert "psnr_y" in out and json.loads((run / "metrics.json").read_text())["metrics"]["psnr_y"] > 0
+    scored = json.loads((run / "metrics.json").read_text())
+    assert f"model: {scored['params']:,} params" in out and "per HR output pixel (input 3x6x6)" in out
     # convert: same outputs, the new checkpoint rebuilds the switched model
     converted = tmp_path / "converted"
     assert cli.main(["convert", str(run), "--to", "switched", "--include", "body.*", "--breadth", "3",
@@ -94,6 +97,14 @@ def test_train_resume_eval_convert_viz(tmp_path, sr_root, capsys):
     x = torch.rand(1, 3, 10, 10)
     torch.testing.assert_close(model.eval()(x), plain.eval()(x), atol=1e-5, rtol=1e-5)
     assert cli.main(["eval", str(converted)]) == 0
+    # info on the converted checkpoint: its conversion applied, numbers as dynconv.models.flops counts them
+    capsys.readouterr()
+    assert cli.main(["info", str(converted), "--json", str(tmp_path / "info.json")]) == 0
+    info = json.loads((tmp_path / "info.json").read_text())
+    assert info["conversions"] == 1 and info["input_size"] == [3, 6, 6]
+    assert info["params"] == flops.count_parameters(model) > scored["params"]
+    assert info["flops_per_pixel"] == pytest.approx(flops.flops_per_pixel(model, (3, 6, 6)))
+    assert "1 conversion(s) applied" in capsys.readouterr().out
     # stage 2: train on from the converted checkpoint
     stage2 = tmp_path / "stage2"
     assert cli.main(["train", str(config), "--set", f"model.init={converted}", "--set", "train.steps=1",
@@ -110,6 +121,37 @@ def test_train_resume_eval_convert_viz(tmp_path, sr_root, capsys):
     assert "body.0.conv" in json.loads((tmp_path / "maps" / "routing.json").read_text())["layers"]
     # viz of a model without switched convs fails cleanly
     assert cli.main(["viz", str(run), str(image), "-o", str(tmp_path / "none")]) == cli.EXIT_ERROR
+
+
+def test_info_of_a_config(tmp_path, sr_root, capsys):
+    """Params and FLOPs per HR output pixel of a config's model, the per-layer table, --input-size,
+    --set, --json; a bad size or source fails naming what was expected."""
+    from dynconv.config import load_config
+    from dynconv.train.trainer import build_model
+
+    config = write_config(tmp_path / "sw.yaml", sr_config(sr_root))
+    model = build_model(load_config(config))
+    assert cli.main(["info", str(config), "--by-layer", "--json", str(tmp_path / "info.json")]) == 0
+    out = capsys.readouterr().out
+    info = json.loads((tmp_path / "info.json").read_text())
+    assert info["params"] == flops.count_parameters(model) and f"{info['params']:,}" in out
+    # default: the LR training patch (patch_size 12 / scale 2)
+    summary = flops.model_summary(model, (3, 6, 6))
+    assert info["flops_per_pixel"] == pytest.approx(summary["flops_per_pixel"]) and info["input_size"] == [3, 6, 6]
+    assert "per HR output pixel" in out and "patch_size 12 / scale 2" in out
+    assert info["by_layer"].keys() == summary["by_layer"].keys()
+    assert "body.0.conv" in out and "SwitchedConv2d" in out and "share" in out
+    assert cli.main(["info", str(config), "--input-size", "10", "8", "--set", "model.options.channels=8",
+                     "--json", str(tmp_path / "big.json")]) == 0
+    big = json.loads((tmp_path / "big.json").read_text())
+    wider = build_model(load_config(config, ["model.options.channels=8"]))
+    assert big["flops_per_pixel"] == pytest.approx(flops.flops_per_pixel(wider, (3, 10, 8)))
+    assert big["params"] == flops.count_parameters(wider) > info["params"]
+    capsys.readouterr()
+    assert cli.main(["info", str(config), "--input-size", "0", "8"]) == cli.EXIT_USAGE
+    assert "expects two positive integers H W, got [0, 8]" in capsys.readouterr().err
+    assert cli.main(["info", str(tmp_path / "missing")]) == cli.EXIT_ERROR
+    assert "expected a YAML config, a run directory or a checkpoint directory" in capsys.readouterr().err
 
 
 def test_python_dash_m_dynconv():

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dynconv.config import config_from_dict
+from dynconv.models import flops
 from dynconv.train import Trainer, TrainingError, evaluate
 from dynconv.train import checkpoint as ckpt
 
@@ -94,7 +95,8 @@ def test_classification_train_and_eval(tmp_path, class_root):
         "eval": {"every": 3, "metrics": ["accuracy", "loss"]},
         "log": {"every": 1, "progress": False, "tensorboard": True, "images_every": 3},
     })
-    result = Trainer(cfg, tmp_path / "run").fit()
+    trainer = Trainer(cfg, tmp_path / "run")
+    result = trainer.fit()
     assert result.step == 3 and set(result.metrics) == {"accuracy", "loss"}
     assert 0.0 <= result.metrics["accuracy"] <= 1.0
     assert (tmp_path / "run" / "config.yaml").is_file() and list((tmp_path / "run" / "tb").iterdir())
@@ -103,8 +105,19 @@ def test_classification_train_and_eval(tmp_path, class_root):
     assert {"start", "train", "routing", "eval", "checkpoint"} <= kinds
     routing = next(e for e in events if e["event"] == "routing")
     assert routing["layers"] and all("entropy" in s for s in routing["layers"].values())
+    # params and FLOPs per *input* pixel at the CIFAR default 32x32, as dynconv.models.flops counts them
+    start = next(e for e in events if e["event"] == "start")
+    assert start["params"] == flops.count_parameters(trainer.raw)
+    assert start["flops_per_pixel"] == pytest.approx(flops.flops_per_pixel(trainer.raw, (3, 32, 32)))
+    assert start["input_size"] == [3, 32, 32] and start["flops_per"] == "input pixel"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(tmp_path / "run" / "tb")).Reload()
+    assert tb.Scalars("model/params")[0].value == pytest.approx(start["params"])
+    assert tb.Scalars("model/flops_per_pixel")[0].value == pytest.approx(start["flops_per_pixel"])
     scored = evaluate(tmp_path / "run")
     assert scored["metrics"]["accuracy"] == pytest.approx(result.metrics["accuracy"])
+    assert (scored["params"], scored["flops_per_pixel"]) == (start["params"], pytest.approx(start["flops_per_pixel"]))
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"] == scored["metrics"]
 
 
@@ -148,6 +161,21 @@ def test_vqvae_train_and_eval(tmp_path, class_root):
     assert evaluate(tmp_path / "run")["metrics"]["mse"] == pytest.approx(result.metrics["mse"])
 
 
+@pytest.mark.parametrize("data, size", [
+    ({"name": "sr_folder", "root": "x", "options": {"scale": 3}, "train_options": {"patch_size": 96}}, (32, 32)),
+    ({"name": "sr_folder", "root": "x"}, (48, 48)),
+    ({"name": "image_folder", "root": "x"}, (32, 32)),
+    ({"name": "image_folder", "root": "x", "options": {"size": 64}}, (64, 64)),
+    ({"name": "skimage_photos"}, (64, 64)),
+])
+def test_default_input_size_follows_the_data_config(data, size):
+    from dynconv.train.trainer import default_input_size
+
+    model = "sr_plain" if "sr" in data["name"] else "vqvae" if data["name"] == "skimage_photos" else "resnet18_cifar"
+    cfg = config_from_dict({"model": {"name": model}, "data": data, "train": {"steps": 1}, "losses": [{"name": "l1"}]})
+    assert default_input_size(cfg)[:2] == size
+
+
 # -------------------------------------------------------------------------------- resume
 def test_exact_resume(tmp_path, sr_root):
     """N steps + resume + N steps == 2N steps, bitwise: weights, EMA and optimizer state
@@ -181,13 +209,24 @@ def test_resume_without_checkpoint_fails(tmp_path, sr_root):
 
 # -------------------------------------------------------------------------------- staged
 @pytest.mark.parametrize("to", ["switched", "condconv"])
-def test_staged_conversion_keeps_loss_continuous(tmp_path, sr_root, to):
+def test_staged_conversion_keeps_loss_continuous(tmp_path, sr_root, to, capsys):
     raw = sr_config(sr_root, model={"name": "sr_plain", "options": {"channels": 4, "num_layers": 4}},
                     train={"steps": 3}, convert={"step": 2, "to": to, "include": ["body.*"], "breadth": 3})
     trainer = Trainer(config_from_dict(raw), tmp_path / "run")
     head_weight = trainer.raw.head.weight
+    plain_cost = (flops.count_parameters(trainer.raw), flops.flops_per_pixel(trainer.raw, (3, 6, 6)))
     result = trainer.fit()
     assert result.step == 3
+    # params and FLOPs/pixel logged at start (plain) and again after the conversion (dynamic, at
+    # its active cost), per HR output pixel of the 12 / 2 = 6x6 LR training patch
+    events = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    start = next(e for e in events if e["event"] == "start")
+    conversion = next(e for e in events if e["event"] == "conversion")
+    assert (start["params"], start["flops_per_pixel"]) == (plain_cost[0], pytest.approx(plain_cost[1]))
+    assert start["input_size"] == [3, 6, 6] and start["flops_per"] == "HR output pixel"
+    assert conversion["params"] == flops.count_parameters(trainer.raw) > start["params"]
+    assert conversion["flops_per_pixel"] == pytest.approx(flops.flops_per_pixel(trainer.raw, (3, 6, 6)))
+    assert "step 2: converted model: " in capsys.readouterr().out
     (check,) = trainer.conversion_checks
     assert check["difference"] < 1e-5, check
     layer_type = "SwitchedConv2d" if to == "switched" else "CondConv2d"

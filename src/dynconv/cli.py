@@ -1,4 +1,4 @@
-"""The ``dynconv`` command line (also ``python -m dynconv``): train, eval, convert, viz, demo.
+"""The ``dynconv`` command line (also ``python -m dynconv``): train, eval, convert, viz, info, demo.
 
 Run ``dynconv COMMAND --help`` for each command's options and examples.
 """
@@ -10,6 +10,7 @@ import copy
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -21,6 +22,7 @@ commands:
   eval      score a run or checkpoint on the eval split; writes metrics.json
   convert   checkpoint surgery: plain convs -> switched / CondConv, same outputs
   viz       selector maps and expert-usage charts of a trained model on images
+  info      params and FLOPs per output pixel of a config's / run's / checkpoint's model
   demo      the main job: a small switched-conv SR net on CPU (see `dynconv demo --help`)
 
 examples:
@@ -30,6 +32,7 @@ examples:
   dynconv eval runs/sr
   dynconv convert runs/plain --to switched --include 'body.*' --breadth 8 --selector lambda -o runs/plain-switched
   dynconv viz runs/sr photo.png -o runs/sr/maps
+  dynconv info configs/sr_switched_x2.yaml --by-layer
   dynconv demo --quick
 
 Docs: docs/training.md (configs, resume, staged training, multi-GPU / multi-node).
@@ -120,6 +123,29 @@ examples:
     p.add_argument("-o", "--out", type=Path, required=True, help="output directory")
     p.add_argument("--checkpoint", type=Path, help="a specific checkpoint (default: best, else latest)")
 
+    p = sub.add_parser(
+        "info", formatter_class=_FMT, help="params and FLOPs per output pixel of a model",
+        description="Build the model of a config, run directory or checkpoint (recorded conversions applied, "
+        "weights loaded) and print its parameters (every expert counted: all are stored) and FLOPs per "
+        "output pixel (2 x multiply-adds of one forward / output pixels; switched and cond convs at their "
+        "active cost: hard routing = one expert; see dynconv.models.flops). Pixels: SR -> HR output pixel, "
+        "VQ-VAE -> reconstructed pixel, classifier -> input pixel. The input size defaults to the training "
+        "crop (SR: the LR patch, data patch_size / scale), else the data's size, else 48 (SR) / 32 (CIFAR); "
+        "CondConv's per-example routing cost is spread over those pixels.",
+        epilog="""\
+examples:
+  dynconv info configs/sr_switched_x2.yaml
+  dynconv info configs/cifar10_resnet18_condconv.yaml --by-layer
+  dynconv info runs/sr --input-size 128 128 --json runs/sr/info.json   # best (else latest) checkpoint of a run
+  dynconv info configs/sr_switched_x2.yaml --set model.options.layer.breadth=32
+""")
+    p.add_argument("source", type=Path, metavar="CONFIG_or_RUN_DIR_or_CHECKPOINT")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value")
+    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="the model input's height and width (SR: the LR image); default: see above")
+    p.add_argument("--by-layer", action="store_true", help="also print a per-layer table (own params, FLOPs/pixel, share)")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers (with the per-layer ones) as JSON")
+
     sub.add_parser("demo", help="the main job (options: dynconv demo --help)", add_help=False)
     return parser
 
@@ -170,11 +196,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .train import evaluate
 
+    from .train.trainer import format_cost
+
     result = evaluate(args.source, args.checkpoint, overrides=args.overrides, max_batches=args.max_batches)
     print(f"{result['model']} on {result['dataset']}/{result['split']}, checkpoint {result['checkpoint']} "
           f"(step {result['step']}, {result['weights']}):")
     for name, value in result["metrics"].items():
         print(f"  {name:<10} {value:.4f}")
+    print(f"  model: {format_cost(result)}")
     if "written" in result:
         print(f"wrote {result['written']}")
     return EXIT_OK
@@ -306,6 +335,99 @@ def _cmd_viz(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _info_model(source: Path, overrides: list[str]) -> tuple[Any, Any, Path | None, dict[str, Any]]:
+    """``(model, config, checkpoint or None, meta)``: a YAML config builds a fresh model; a run
+    or checkpoint directory rebuilds its checkpoint's model like eval/convert (a run directory
+    without a checkpoint yet falls back to its config.yaml)."""
+    from .config import config_from_dict, load_config
+    from .train import checkpoint as ckpt
+    from .train.trainer import build_model, check_config, config_of_checkpoint, load_checkpoint_model
+
+    if source.is_file() and source.name not in (ckpt.MODEL_FILE, ckpt.META_FILE, ckpt.STATE_FILE):
+        config = load_config(source, overrides)
+        check_config(config, training=False)
+        return build_model(config), config, None, {}
+    if not source.exists():
+        raise FileNotFoundError(f"{source} does not exist (expected a YAML config, a run directory or a checkpoint directory)")
+    has_config = source.is_dir() and (source / "config.yaml").is_file()
+    try:
+        checkpoint = ckpt.resolve_checkpoint(source)
+    except ckpt.CheckpointError:
+        if not has_config:
+            raise
+        config = load_config(source, overrides)
+        check_config(config, training=False)
+        return build_model(config), config, None, {}
+    config = config_of_checkpoint(source if has_config else checkpoint)
+    if overrides:
+        config = config_from_dict(config.to_dict(), overrides)
+    check_config(config, training=False)
+    model, config, meta = load_checkpoint_model(checkpoint, config)
+    return model, config, checkpoint, meta
+
+
+def _si(value: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+def _flops(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .models import model_task
+    from .train.trainer import apply_conversion, conversion_record, format_cost, model_cost
+
+    if args.input_size is not None and min(args.input_size) < 1:
+        print(f"dynconv info: --input-size expects two positive integers H W, got {args.input_size}", file=sys.stderr)
+        return EXIT_USAGE
+    model, config, checkpoint, meta = _info_model(Path(args.source), args.overrides)
+    try:
+        cost = model_cost(model, config, args.input_size, by_layer=True)
+    except (RuntimeError, ValueError) as error:
+        size = args.input_size or "the default size"
+        print(f"dynconv info: {config.model.name} cannot run on an input of {size} (try another --input-size H W): "
+              f"{error}", file=sys.stderr)
+        return EXIT_USAGE
+    task = model_task(config.model.name)
+    conversions = meta.get("conversions", [])
+    print(f"{config.model.name} ({task}) from {args.source}")
+    if checkpoint is not None:
+        print(f"  checkpoint   {checkpoint} (step {meta.get('step')}; {len(conversions)} conversion(s) applied)")
+    print(f"  params       {cost['params']:,} ({_si(cost['params'])}; every expert counted: all are stored)")
+    print(f"  FLOPs/pixel  {cost['flops_per_pixel']:,.0f} ({_si(cost['flops_per_pixel'])}) per {cost['flops_per']}; "
+          "2 x multiply-adds, switched/cond convs at their active cost")
+    print(f"  input        {'x'.join(map(str, cost['input_size']))} (C x H x W; {cost['input_size_from']})")
+    staged = config.convert is not None and not any(r.get("step") is not None for r in conversions)
+    if staged:  # the config converts during training: quote the model it becomes too
+        converted = copy.deepcopy(model)
+        apply_conversion(converted, {**conversion_record(config.convert), "converted": None})
+        after = model_cost(converted, config, args.input_size)
+        print(f"  after convert at step {config.convert.step}: {format_cost(after)}")
+    if args.by_layer:
+        layers = cost["by_layer"]
+        width = max([len("layer"), *(len(n) for n in layers)])
+        kinds = max([len("type"), *(len(v["type"]) for v in layers.values())])
+        total = sum(v["flops_per_pixel"] for v in layers.values()) or 1.0
+        print(f"\n  {'layer':<{width}}  {'type':<{kinds}}  {'own params':>12}  {'FLOPs/pixel':>14}  {'share':>6}")
+        for name, v in layers.items():
+            print(f"  {name or '(model)':<{width}}  {v['type']:<{kinds}}  {v['params']:>12,}  "
+                  f"{_flops(v['flops_per_pixel']):>14}  {100 * v['flops_per_pixel'] / total:>5.1f}%")
+    if args.json is not None:
+        record = {"source": str(args.source), "model": config.model.name, "task": task,
+                  "checkpoint": str(checkpoint) if checkpoint is not None else None, "step": meta.get("step"),
+                  "conversions": len(conversions), **cost}
+        if staged:
+            record["after_convert"] = {"step": config.convert.step, **after}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=2))
+        print(f"wrote {args.json}")
+    return EXIT_OK
+
+
 # ----------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dynconv``; returns the exit status."""
@@ -322,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     from .config import ConfigError
 
-    handlers = {"train": _cmd_train, "eval": _cmd_eval, "convert": _cmd_convert, "viz": _cmd_viz}
+    handlers = {"train": _cmd_train, "eval": _cmd_eval, "convert": _cmd_convert, "viz": _cmd_viz,
+                "info": _cmd_info}
     try:
         return handlers[args.command](args)
     except ConfigError as error:

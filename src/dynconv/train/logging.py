@@ -70,6 +70,10 @@ class RunLogger:
             if math.isfinite(value):
                 self.writer.add_scalar(f"{prefix}{key}", value, step)
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
     def image(self, tag: str, image: torch.Tensor, step: int) -> None:
         """``image``: float (3, H, W) in [0, 1]."""
         if self.writer is not None:

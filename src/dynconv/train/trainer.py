@@ -200,6 +200,77 @@ def config_of_checkpoint(path: str | Path) -> Config:
     raise FileNotFoundError(f"no config.yaml in {path} or its run directory; pass the config explicitly")
 
 
+# ---------------------------------------------------------------------------- model cost
+# Which pixels flops_per_pixel divides by (dynconv.models.flops: the image output, or the
+# input for a classifier's 2-D output).
+FLOPS_PER = {"classification": "input pixel", "super_resolution": "HR output pixel", "reconstruction": "reconstructed pixel"}
+DEFAULT_LR_SIZE = 48  # SR input when the data config names no patch size (match_flops' lr_size)
+DEFAULT_IMAGE_SIZE = 32  # CIFAR-10
+
+
+def default_input_size(config: Config) -> tuple[int, int, str]:
+    """``(H, W, where it comes from)`` of the model input that costs are quoted for: the
+    training crop (SR: ``patch_size / scale``, the LR patch), else the data's ``size``, else
+    48 (SR LR) or 32 (CIFAR). CondConv's per-example cost is spread over these pixels."""
+    from ..data import DATASETS
+    from ..models import model_task
+
+    defaults: dict[str, Any] = {}
+    if config.data.name in DATASETS:
+        params = inspect.signature(DATASETS[config.data.name]).parameters.values()
+        defaults = {p.name: p.default for p in params if p.default is not p.empty}
+
+    def pick(key: str) -> tuple[Any, str]:
+        for section in ("train_options", "options"):
+            value = getattr(config.data, section).get(key)
+            if value is not None:
+                return value, f"data.{section}.{key}"
+        if defaults.get(key) is not None:
+            return defaults[key], f"{config.data.name}'s default {key}"
+        return None, ""
+
+    if model_task(config.model.name) == "super_resolution":
+        patch, where = pick("patch_size")
+        scale = pick("scale")[0] or config.model.options.get("scale") or 2
+        if patch:
+            side = int(patch) // int(scale)
+            return side, side, f"LR patch: {where} {patch} / scale {scale}"
+        return DEFAULT_LR_SIZE, DEFAULT_LR_SIZE, "default LR size (the data config names no patch_size)"
+    size, where = pick("size")
+    if size:
+        return int(size), int(size), where
+    return DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE, "CIFAR-10 default"
+
+
+def model_cost(model: nn.Module, config: Config, input_size: tuple[int, int] | None = None, *,
+               by_layer: bool = False) -> dict[str, Any]:
+    """Params and FLOPs per pixel of ``model`` (:mod:`dynconv.models.flops`: switched and cond
+    convs at their active cost) for an input of ``input_size`` (H, W; default
+    :func:`default_input_size`), so runs, ``eval`` and ``info`` quote the same numbers."""
+    from ..models import model_options, model_task
+    from ..models.flops import model_summary
+
+    if input_size is None:
+        h, w, source = default_input_size(config)
+    else:
+        (h, w), source = input_size, "given"
+    channels = {**model_options(config.model.name), **config.model.options}.get("in_channels", 3)
+    channels = channels if isinstance(channels, int) and channels > 0 else 3
+    summary = model_summary(model, (channels, int(h), int(w)))
+    cost = {"params": summary["params"], "flops_per_pixel": summary["flops_per_pixel"],
+            "flops_per": FLOPS_PER[model_task(config.model.name)], "input_size": [channels, int(h), int(w)],
+            "input_size_from": source}
+    if by_layer:
+        cost["by_layer"] = summary["by_layer"]
+    return cost
+
+
+def format_cost(cost: dict[str, Any]) -> str:
+    """One line: ``1,234 params, 5,678 FLOPs per HR output pixel (input 3x48x48)``."""
+    return (f"{cost['params']:,} params, {cost['flops_per_pixel']:,.0f} FLOPs per {cost['flops_per']} "
+            f"(input {'x'.join(map(str, cost['input_size']))})")
+
+
 # ------------------------------------------------------------------------------ sampling
 class EpochBatchSampler:
     """Batches of indices for one rank: a permutation seeded by ``(seed, epoch)``, split
@@ -653,10 +724,23 @@ class Trainer:
             check["loss_after"] = self._eval_loss(batch)
             check["difference"] = abs(check["loss_after"] - check["loss_before"])
         self.conversion_checks.append(check)
-        self.logger.event("conversion", self.step, converted=record["converted"], to=cfg.to, **check)
         self.logger.write(f"step {self.step}: converted {len(record['converted'])} conv(s) to {cfg.to}"
                           + (f" (loss on the next batch {check['loss_before']:.6g} -> {check['loss_after']:.6g})" if check else ""))
+        cost = self._log_model_cost(f"step {self.step}: converted model")
+        self.logger.event("conversion", self.step, converted=record["converted"], to=cfg.to, **check, **cost)
         return check
+
+    def _log_model_cost(self, label: str) -> dict[str, Any]:
+        """Params and FLOPs/pixel of the current model (at start and after a conversion, which
+        changes both) to the console and TensorBoard; returned for the JSONL event (main only)."""
+        if not self.is_main:
+            return {}
+        cost = model_cost(self.raw, self.config)
+        line = f"{label}: {format_cost(cost)}"
+        self.logger.scalars(self.step, {"model/params": cost["params"], "model/flops_per_pixel": cost["flops_per_pixel"]})
+        self.logger.text("model/cost", line, self.step)
+        self.logger.write(line)
+        return cost
 
     @torch.no_grad()
     def _eval_loss(self, batch: dict) -> float:
@@ -703,11 +787,12 @@ class Trainer:
         self.logger = RunLogger(self.run_dir, enabled=self.is_main, tensorboard=cfg.log.tensorboard,
                                 progress=cfg.log.progress, total_steps=self.total_steps, initial_step=self.step)
         log = self.logger
+        cost = self._log_model_cost("model")
         if self.resumed_from is None:
             log.event("start", self.step, total_steps=self.total_steps, world_size=self.world, device=str(self.device),
-                      precision=cfg.train.precision, config=cfg.to_dict())
+                      precision=cfg.train.precision, config=cfg.to_dict(), **cost)
         else:
-            log.event("resume", self.step, checkpoint=str(self.resumed_from), world_size=self.world)
+            log.event("resume", self.step, checkpoint=str(self.resumed_from), world_size=self.world, **cost)
         if getattr(self, "_resume_scaler", None) and acc.scaler is not None:
             acc.scaler.load_state_dict(self._resume_scaler)
         global_batch = cfg.train.batch_size * cfg.train.accumulate * self.world
@@ -958,7 +1043,8 @@ def evaluate(config_or_run_dir: str | Path | Config, checkpoint: str | Path | No
     load_model_weights(trainer.raw, ckpt.load_weights(weights, trainer.device), str(weights))
     metrics = trainer.evaluate(max_batches=max_batches)
     result = {"metrics": metrics, "checkpoint": str(path), "step": meta.get("step"), "weights": weights.name,
-              "model": config.model.name, "dataset": config.data.name, "split": config.data.eval_split}
+              "model": config.model.name, "dataset": config.data.name, "split": config.data.eval_split,
+              **model_cost(trainer.raw, config)}
     if write and trainer.is_main:
         out_dir = run_dir if run_dir is not None else path.parent
         ckpt.atomic_write_text(Path(out_dir) / "metrics.json", json.dumps(result, indent=2))
