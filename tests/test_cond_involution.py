@@ -131,3 +131,13 @@ def test_involution_errors_autocast_channels_last_copy():
     torch.testing.assert_close(copy.deepcopy(layer)(x), layer(x))
     with pytest.raises(ValueError, match="x must have 16 channels"):
         layer(torch.randn(1, 8, 6, 6))
+
+
+def test_experts_initialised_like_dense_layers():
+    torch.manual_seed(0)
+    conv = CondConv2d(8, 16, 3, groups=2, num_experts=3)
+    bound = 1 / (4 * 9) ** 0.5  # fan-in of one expert: in/groups * kH * kW
+    assert conv.weight.abs().max() <= bound and conv.bias.abs().max() <= bound
+    assert conv.weight.abs().max() > 0.9 * bound and not torch.equal(conv.weight[0], conv.weight[1])
+    linear = CondLinear(25, 4, num_experts=3)
+    assert linear.weight.abs().max() <= 0.2 and linear.bias.abs().max() <= 0.2

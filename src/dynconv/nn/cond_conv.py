@@ -68,7 +68,46 @@ def _preserving_experts(weight: torch.Tensor, routing_weights: torch.Tensor, noi
     return base + d.to(weight.dtype)
 
 
-class CondConv2d(nn.Module):
+class _ExpertMixture(nn.Module):
+    """What CondConv2d and CondLinear share: expert weights ``(num_experts, out, ...)``, an
+    expert bias ``(num_experts, out)``, the router, and function-preserving conversion."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    route: _ExpertRouting
+
+    @property
+    def routing(self) -> str:
+        return self.route.routing
+
+    @property
+    def temperature(self) -> float:
+        return self.route.temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self.route.temperature = value
+
+    def reset_parameters(self) -> None:
+        """Each expert initialised like the dense layer (``nn.Conv2d`` / ``nn.Linear``) of its shape."""
+        for expert in self.weight.data:
+            nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.weight[0, 0].numel())  # fan-in of one expert
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.route.router.reset_parameters()
+
+    def _copy_preserving(self, source: nn.Module, expert_noise: float) -> None:
+        """Make the layer compute ``source``'s function (see :meth:`CondConv2d.from_conv`)."""
+        a = self.route.neutralise()
+        with torch.no_grad():
+            self.weight.copy_(_preserving_experts(source.weight, a, expert_noise))
+            if source.bias is not None:
+                self.bias.copy_((source.bias / a.sum()).unsqueeze(0).expand_as(self.bias))
+        self.train(source.training)
+
+
+class CondConv2d(_ExpertMixture):
     """Conditionally parameterised conv: ``kernel_n = sum_i a_ni W_i``, ``a = route(GAP(x))``.
 
     ``weight`` ``(num_experts, out, in/groups, kH, kW)``, ``bias`` ``(num_experts, out)``.
@@ -115,27 +154,6 @@ class CondConv2d(nn.Module):
         self.bias = nn.Parameter(torch.empty(num_experts, out_channels, **factory)) if bias else None
         self.reset_parameters()
 
-    @property
-    def routing(self) -> str:
-        return self.route.routing
-
-    @property
-    def temperature(self) -> float:
-        return self.route.temperature
-
-    @temperature.setter
-    def temperature(self, value: float) -> None:
-        self.route.temperature = value
-
-    def reset_parameters(self) -> None:
-        """Each expert initialised like an ``nn.Conv2d`` of the same shape."""
-        for expert in self.weight.data:
-            nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
-        if self.bias is not None:
-            fan_in = self.weight.shape[2] * self.kernel_size[0] * self.kernel_size[1]
-            nn.init.uniform_(self.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
-        self.route.router.reset_parameters()
-
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -175,16 +193,11 @@ class CondConv2d(nn.Module):
             conv.groups, bias=conv.bias is not None, num_experts=num_experts,
             device=conv.weight.device, dtype=conv.weight.dtype, **kwargs,
         )
-        a = layer.route.neutralise()
-        with torch.no_grad():
-            layer.weight.copy_(_preserving_experts(conv.weight, a, expert_noise))
-            if conv.bias is not None:
-                layer.bias.copy_((conv.bias / a.sum()).unsqueeze(0).expand_as(layer.bias))
-        layer.train(conv.training)
+        layer._copy_preserving(conv, expert_noise)
         return layer
 
 
-class CondLinear(nn.Module):
+class CondLinear(_ExpertMixture):
     """Fully connected CondConv: ``y_n = (sum_i a_ni W_i) x_n + sum_i a_ni b_i``, ``a = route(x_n)``."""
 
     def __init__(
@@ -208,26 +221,6 @@ class CondLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(num_experts, out_features, **factory)) if bias else None
         self.reset_parameters()
-
-    @property
-    def routing(self) -> str:
-        return self.route.routing
-
-    @property
-    def temperature(self) -> float:
-        return self.route.temperature
-
-    @temperature.setter
-    def temperature(self, value: float) -> None:
-        self.route.temperature = value
-
-    def reset_parameters(self) -> None:
-        for expert in self.weight.data:
-            nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
-        self.route.router.reset_parameters()
 
     def extra_repr(self) -> str:
         return (
@@ -253,10 +246,5 @@ class CondLinear(nn.Module):
             linear.in_features, linear.out_features, bias=linear.bias is not None, num_experts=num_experts,
             device=linear.weight.device, dtype=linear.weight.dtype, **kwargs,
         )
-        a = layer.route.neutralise()
-        with torch.no_grad():
-            layer.weight.copy_(_preserving_experts(linear.weight, a, expert_noise))
-            if linear.bias is not None:
-                layer.bias.copy_((linear.bias / a.sum()).unsqueeze(0).expand_as(layer.bias))
-        layer.train(linear.training)
+        layer._copy_preserving(linear, expert_noise)
         return layer
