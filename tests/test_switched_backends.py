@@ -213,6 +213,101 @@ def test_gather_without_bias_and_partial_grads():
     torch.testing.assert_close(w.grad, w_ref.grad)
 
 
+@pytest.mark.parametrize("routing", ["random", "one-expert", "sparse"])
+@pytest.mark.parametrize("breadth", [1, 3, 8])
+@pytest.mark.parametrize("geom", ["k3", "k3-s2-p2-d2-odd", "k2-even"])
+def test_gather_chunked_patches(monkeypatch, geom, breadth, routing):
+    """Patch chunks smaller than an expert's segment: segments split over chunks (weight
+    gradients accumulated across them) and several segments packed into one chunk."""
+    g = GEOMS[geom]
+    k = g.k[0] * g.k[1] * g.c
+    monkeypatch.setattr(switched_gather, "PATCH_BYTES", 8 * k * 7)  # 7 float64 rows per chunk
+    check_against_reference("gather", g, torch.float64, breadth, routing=routing)
+
+
+@pytest.mark.parametrize("experts", [(1, 3, 4), (0, 1, 2)])
+@pytest.mark.parametrize("patch_rows", [5, 10_000])
+def test_gather_batched_experts(monkeypatch, experts, patch_rows):
+    """Experts with equal pixel counts run as one padded ``bmm`` (consecutive ids: views of the
+    weights; with gaps: copies), also when a chunk holds only some of them."""
+    geom = GEOMS["k3"]
+    k = geom.k[0] * geom.k[1] * geom.c
+    monkeypatch.setattr(switched_gather, "PATCH_BYTES", 8 * k * patch_rows)
+    _, x, weight, bias, _, gate, grad = make_case(geom, torch.float64, 6)
+    h_out, w_out = geom.out_size()
+    pattern = torch.tensor(experts)[torch.arange(geom.n * h_out * w_out) % len(experts)]
+    index = pattern.view(geom.n, h_out, w_out)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias, gate)]
+    y = switched_conv2d(leaves[0], leaves[1], leaves[2], (index, leaves[3]), 1, 1, 1, "gather")
+    y.backward(grad)
+    refs = [t.clone().requires_grad_() for t in (x, weight, bias, gate)]
+    y_ref = reference_switched_conv2d(refs[0], refs[1], refs[2], (index, refs[3]), 1, 1, 1)
+    y_ref.backward(grad)
+    torch.testing.assert_close(y, y_ref)
+    for leaf, ref in zip(leaves, refs):
+        torch.testing.assert_close(leaf.grad, ref.grad)
+
+
+def test_gather_layout_covers_every_pixel_once():
+    """Slots: every expert's pixels in order, chunks within the budget, padding bounded."""
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(300):
+        breadth = int(torch.randint(1, 12, (1,), generator=gen))
+        drawn = torch.randint(0, 40, (breadth,), generator=gen) * (torch.rand(breadth, generator=gen) < 0.7)
+        counts = [int(v) for v in drawn]
+        max_rows = int(torch.randint(1, 60, (1,), generator=gen))
+        chunks, first, slots = switched_gather._layout(counts, max_rows)
+        owned = {}
+        pos = 0
+        for ch in chunks:
+            assert ch.start == pos and len(ch.experts) * ch.rows <= max_rows
+            if len(ch.experts) > 1:
+                size = len(ch.experts) * ch.rows
+                assert size - sum(counts[e] for e in ch.experts) <= size * switched_gather.BATCH_WASTE
+            for j, e in enumerate(ch.experts):
+                owned.setdefault(e, []).append((ch.start + j * ch.rows, ch.rows, ch.accumulate))
+            pos += len(ch.experts) * ch.rows
+        assert pos == slots
+        for e, cnt in enumerate(counts):
+            if not cnt:
+                assert e not in owned
+                continue
+            pieces = owned[e]
+            assert pieces[0][0] == first[e] and not pieces[0][2]
+            if len(pieces) > 1:  # split: contiguous, unpadded
+                assert all(p[2] for p in pieces[1:]) and sum(p[1] for p in pieces) == cnt
+                assert all(a[0] + a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
+            else:
+                assert pieces[0][1] >= cnt
+
+
+def test_gather_backward_is_bitwise_repeatable():
+    """Same inputs, same bits (the fold and the weight-gradient sums run in a fixed order)."""
+    geom = Geom(2, 8, 6, 12, 10, (3, 3), padding=(1, 1))
+    _, x, weight, bias, index, gate, grad = make_case(geom, torch.float32, 4)
+    runs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias, gate)]
+        y = switched_conv2d(leaves[0], leaves[1], leaves[2], (index, leaves[3]), 1, 1, 1, "gather")
+        y.backward(grad)
+        runs.append([y.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_gather_tapwise_fold_matches_scatter():
+    """The atomics-free fold used off the CPU with ``deterministic`` equals the one-op fold."""
+    gen = torch.Generator().manual_seed(0)
+    rows, c, taps = 50, 3, torch.tensor([0, 1, 2, 7, 8, 9])
+    base = torch.randperm(rows - 10, generator=gen)[:30]
+    pm = torch.randn(30, taps.numel() * c, generator=gen, dtype=torch.float64)
+    start = torch.randn(rows, c, generator=gen, dtype=torch.float64)
+    expected = start.clone().index_add_(0, (base[:, None] + taps).view(-1), pm.view(-1, c))
+    got = start.clone()
+    switched_gather._fold_tapwise(got, pm, base, taps)
+    torch.testing.assert_close(got, expected)
+
+
 def test_auto_picks_gather_on_cpu():
     geom = GEOMS["k3"]
     _, x, weight, bias, index, gate, _ = make_case(geom, torch.float64, 4)

@@ -2,26 +2,47 @@
 
 Why: with ``(index, gate)`` routing each output pixel uses one expert, so the dense reference
 (all ``breadth`` experts, then a pick) wastes ``breadth - 1`` convolutions. Here, as in MoE
-grouped GEMMs, output pixels are sorted by expert and cut into tiles of ``T`` rows that each
-belong to one expert (the last tile of an expert is padded); each kernel row is then one
-batched matmul over all tiles, each tile with its own expert's weights. Runs on any device
-(the CPU path, and the GPU fallback when Triton is missing).
+grouped GEMMs, output pixels are sorted by expert; each expert's run of pixels is a
+contiguous segment of a patch matrix, and one matmul per expert with the whole patch as the
+reduction (``K = kH*kW*C``) does its share of the conv. Runs on any device (the CPU path,
+and the GPU fallback when Triton is missing).
 
-Layout: the input is padded once into NHWC rows ``(N*Hp*Wp, C)`` (plus zero rows that
-padded tile rows point at); output pixel ``(n, ho, wo)`` reads, for tap ``(i, j)``, row
-``n*Hp*Wp + (ho*sH + i*dH)*Wp + wo*sW + j*dW``. The ``kW`` taps of kernel row ``i`` are
-rows ``j*dW`` apart, so one ``index_select`` on an overlapping strided view gathers a
-``(kW*C)``-wide slab of every patch, and the work runs per kernel row (``kH`` steps).
+Layout: the input is padded once into NHWC rows ``(N*Hp*Wp, C)``; output pixel
+``(n, ho, wo)`` reads, for tap ``(i, j)``, row ``n*Hp*Wp + (ho*sH + i*dH)*Wp + wo*sW + j*dW``.
+With ``dW == 1`` kernel row ``i`` of a patch is one contiguous ``kW*C`` run of those rows, so
+a single ``index_select`` of ``rows * kH`` runs (its row-``memcpy`` path) gathers the
+expert-sorted patch matrix ``(rows, K)``, columns in ``(i, j, c)`` order.
 
-Why tiles and not one matmul per expert: the op count per call no longer grows with the
-breadth (about ``3 * kH`` large ops forward, ``~(7 + kW) * kH`` backward), which matters on a
-CPU where each op is a parallel region (and a shared CPU makes each region costly).
+Why one full-``K`` matmul per expert, and not per-kernel-row batched matmuls over fixed-size
+tiles (the previous design): small-``K`` matmuls run below peak and need accumulate passes,
+per-tile weight copies grow with the breadth, and the gate gradient needed extra passes over
+``K``-wide products. Each matmul is also a parallel region with its own packing (~50 us on
+the 2-vCPU VM measured), so runs of experts with similar pixel counts are padded to one
+length and batched into one ``bmm`` (at most :data:`BATCH_WASTE` padding; weights are then a
+view, no copy): at breadth 64, 5 chunks of ~13 experts take 20 batched matmuls (forward
+and backward) instead of 256 matmuls. Expert-sorted pixels live
+in "slots" (:func:`_layout`): each expert owns a run of slots, its pixels first, padding
+slots read an all-zero patch and a zero output gradient. Pixels are processed in chunks of
+at most :data:`PATCH_BYTES` of patches (16 MiB: the chunk stays cache-resident between its
+gather, matmuls and fold, which measured faster than one big buffer, and it bounds the
+scratch); an expert larger than a chunk is split over several.
 
-Memory: no ``N*H*W x C*kH*kW`` im2col buffer, only ``(P, kW*C)`` / ``(P, out)``-sized
-scratch buffers and per-tile weight copies; on CPU the scratch buffers are kept between calls
-(``REUSE_BUFFERS``; about 130 MiB for N8 C64 64x64 3x3 fwd+bwd). Autograd (through
+Backward, per chunk: one patch gather serves ``grad_W_e^T = (gate*g)_e^T P_e``, the gate
+gradient ``<g, P_e W_e + b>`` (the pre-gate output recomputed by a matmul into a
+``(rows, out)`` buffer: cheaper than a row-wise dot over a ``K``-wide patch gradient) and
+then, overwriting the patches, the patch gradient ``(gate*g)_e W_e``, which one
+``scatter_add_`` over all taps folds into the padded input gradient (CPU: parallel over
+channels, every target summed in row order, so deterministic).
+
+Memory: on CPU the scratch buffers are kept between calls (``REUSE_BUFFERS``; the forward
+and the backward share them by name, a call never returns them); for N8 C64 64x64 3x3 fp32
+they total about 65 MiB: the 16 MiB patch chunk, four ``(slots, out)`` buffers (slots =
+pixels plus at most ~1/8 padding: <= 9 MiB each) and two padded NHWC input-sized ones
+(8.6 MiB each), plus two ``breadth`` x weight-size buffers (the reordered weights and their
+gradient: 1.2 MiB each at breadth 8, 9.4 MiB at 64). Autograd (through
 :mod:`._custom_ops`) saves only the inputs and the routing; the backward re-sorts and
-re-gathers.
+re-gathers. fp16/bf16 inputs are
+computed in fp32 (CPU half-precision matmuls are slow) and rounded once at the end.
 """
 
 from __future__ import annotations
@@ -38,10 +59,13 @@ from .switched import HARD_BACKENDS
 #: Debug/test switch: fill outputs with NaN before writing them, so that unwritten elements show.
 POISON = False
 
-#: Keep the large CPU scratch buffers (gathered patches, per-tile weights, products) between
-#: calls, per thread: a fresh multi-MiB buffer is page-faulted in on every call, a large share
-#: of the time on the 2-vCPU VM measured. They are released by :func:`release_buffers`.
+#: Keep the large CPU scratch buffers (gathered patches, products) between calls, per thread:
+#: a fresh multi-MiB buffer is page-faulted in on every call, a large share of the time on
+#: the 2-vCPU VM measured. They are released by :func:`release_buffers`.
 REUSE_BUFFERS = True
+
+#: Upper bound on the gathered patch buffer (bytes); more pixels are processed in chunks.
+PATCH_BYTES = 16 * 2**20
 
 _workspace = threading.local()
 
@@ -65,8 +89,25 @@ def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torc
     return buf[:numel].view(shape)
 
 
+#: Experts whose pixel counts are similar are batched: ``g`` of them padded to the longest
+#: one's count ``L`` run as one ``bmm`` (``(g, L, K) @ (g, K, out)``) instead of ``g`` matmuls
+#: (each a parallel region with packing: ~50 us apiece on the 2-vCPU VM), while at most this
+#: share of the batch is padding rows.
+BATCH_WASTE = 1 / 8
+
+
+class _Chunk(NamedTuple):
+    """``g`` experts' slots ``[start, start + g*rows)``: expert ``experts[j]`` owns slots
+    ``start + j*rows ...``, the first of them holding its pixels, the rest padding."""
+
+    start: int
+    experts: tuple[int, ...]
+    rows: int  # L: slots per expert
+    accumulate: bool  # a later piece of an expert split over chunks (weight grad adds up)
+
+
 class _Plan(NamedTuple):
-    """Geometry, the tiles over expert-sorted pixels, and the index maps between layouts."""
+    """Geometry and the layout of expert-sorted pixels into slots (see :func:`_plan`)."""
 
     n: int
     c: int
@@ -80,23 +121,57 @@ class _Plan(NamedTuple):
     wp: int
     pad: tuple[int, int]
     dilation: tuple[int, int]
-    tile: int  # T, rows per tile
-    tiles: int  # number of tiles
-    tile_expert: torch.Tensor  # (tiles,) expert of each tile
-    row_pixel: torch.Tensor  # (tiles*T,) pixel id of each tile row; P for padding rows
-    pixel_row: torch.Tensor  # (P,) tile row of each pixel
-    base: torch.Tensor  # (tiles*T,) top-left padded-NHWC row of each tile row's patch
-    zero_row: int  # first of the zero rows that padding tile rows read
+    slots: int  # S
+    slot_pixel: torch.Tensor  # (S,) pixel id of each slot; P for padding slots
+    pixel_slot: torch.Tensor  # (P,) slot of each pixel
+    base: torch.Tensor  # (S,) top-left padded-NHWC row of each slot's patch (an all-zero patch for padding)
+    chunks: list[_Chunk]
 
 
-def tile_rows(pixels: int, out_channels: int, breadth: int) -> int:
-    """Rows per tile: balances padding waste (``~breadth*T/2`` rows) against per-tile weight
-    copies (``~pixels/T`` of ``C x out``); a power of two in [16, 1024]."""
-    best = math.sqrt(max(1, pixels) * out_channels / (2 * breadth))
-    return int(min(1024, max(16, 2 ** math.floor(math.log2(max(best, 1.0))))))
+def _layout(counts: list[int], max_rows: int) -> tuple[list[_Chunk], list[int], int]:
+    """Chunks of at most ``max_rows`` slots over the experts in order; returns the chunks, each
+    expert's first slot, and the slot count. Experts with more pixels than a chunk are split;
+    runs of experts with similar counts are padded to one length and batched (``BATCH_WASTE``)."""
+    chunks: list[_Chunk] = []
+    first = [0] * len(counts)
+    slot = 0
+    group: list[int] = []
+    length = used = 0
+
+    def close():
+        nonlocal slot, group, length, used
+        if group:
+            chunks.append(_Chunk(slot, tuple(group), length, False))
+            for j, e in enumerate(group):
+                first[e] = slot + j * length
+            slot += len(group) * length
+        group, length, used = [], 0, 0
+
+    for e, cnt in enumerate(counts):
+        if not cnt:
+            continue
+        if cnt > max_rows:  # split: consecutive single-expert chunks, no padding
+            close()
+            first[e] = slot
+            for part in range(0, cnt, max_rows):
+                rows = min(max_rows, cnt - part)
+                chunks.append(_Chunk(slot, (e,), rows, part > 0))
+                slot += rows
+            continue
+        new_len = max(length, cnt)
+        size = (len(group) + 1) * new_len
+        if group and (size > max_rows or size - (used + cnt) > size * BATCH_WASTE):
+            close()
+            new_len, size = cnt, cnt
+        group.append(e)
+        length, used = new_len, used + cnt
+    close()
+    return chunks, first, slot
 
 
-def _plan(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, stride, padding, dilation) -> _Plan:
+def _plan(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, stride, padding, dilation, dtype) -> _Plan:
+    """Pixels sorted by expert (stably) and laid out in slots: expert ``e``'s pixels fill the
+    slots from ``first[e]`` on, so ``slot = sorted row + (first[e] - start of e's run)``."""
     n, c, h, w = x.shape
     breadth, out_ch, _, kh, kw = weight.shape
     _, h_out, w_out = index.shape
@@ -109,62 +184,90 @@ def _plan(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, stride, pa
         lo, hi = (int(v) for v in torch.aminmax(flat))
         if lo < 0 or hi >= breadth:
             raise IndexError(f"routing index must lie in [0, {breadth}) (breadth), got values in [{lo}, {hi}]")
-    tile = tile_rows(total, out_ch, breadth)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=breadth)
-    tiles_per = (counts + tile - 1) // tile
-    tiles = int(tiles_per.sum())  # the one host sync
-    experts = torch.arange(breadth, device=device)
-    tile_expert = torch.repeat_interleave(experts, tiles_per, output_size=tiles)
-    seg_start = torch.cumsum(counts, 0) - counts
-    first_tile = torch.cumsum(tiles_per, 0) - tiles_per
-    tile_start = seg_start[tile_expert] + (torch.arange(tiles, device=device) - first_tile[tile_expert]) * tile
-    sorted_pos = tile_start.unsqueeze(1) + torch.arange(tile, device=device)  # (tiles, T)
-    valid = (sorted_pos < (seg_start + counts)[tile_expert].unsqueeze(1)).reshape(-1)
-    sorted_pos = sorted_pos.reshape(-1).clamp_(max=max(total - 1, 0))
-    row_pixel = torch.where(valid, order[sorted_pos] if total else sorted_pos, total)
-    pixel_row = torch.empty(total, dtype=torch.int64, device=device)
-    pixel_row[row_pixel[valid]] = torch.arange(tiles * tile, device=device)[valid]
+    counts = torch.bincount(flat, minlength=breadth).tolist()  # host sync: the layout
+    k = kh * kw * c
+    max_rows = max(1, PATCH_BYTES // max(1, k * torch.empty((), dtype=dtype).element_size()))
+    chunks, first, slots = _layout(counts, max_rows)
+    run_start = [0] * breadth
+    for e in range(1, breadth):
+        run_start[e] = run_start[e - 1] + counts[e - 1]
+    shift = torch.tensor([f - r for f, r in zip(first, run_start)], dtype=torch.int64, device=device)
+    slot_of_row = torch.arange(total, device=device) + shift[flat[order]]
+    pixel_slot = torch.empty_like(order)
+    pixel_slot[order] = slot_of_row
+    slot_pixel = torch.full((slots,), total, dtype=torch.int64, device=device)
+    slot_pixel[slot_of_row] = order
     per_image = h_out * w_out
-    img, rem = row_pixel // per_image, row_pixel % per_image
-    zero_row = n * hp * wp
-    base = img * (hp * wp) + (rem // w_out) * (stride[0] * wp) + (rem % w_out) * stride[1]
-    base = torch.where(valid, base, zero_row)
+    pix = torch.arange(total + 1, device=device)
+    img, rem = pix // per_image, pix % per_image
+    base_pixel = img * (hp * wp) + (rem // w_out) * (stride[0] * wp) + (rem % w_out) * stride[1]
+    base_pixel[total] = n * hp * wp  # the first zero tail row: an all-zero patch
     return _Plan(
-        n, c, h, w, kh, kw, h_out, w_out, hp, wp, tuple(padding), tuple(dilation), tile, tiles, tile_expert,
-        row_pixel, pixel_row, base, zero_row,
+        n, c, h, w, kh, kw, h_out, w_out, hp, wp, tuple(padding), tuple(dilation), slots, slot_pixel, pixel_slot,
+        base_pixel[slot_pixel], chunks,
     )  # fmt: skip
 
 
-def _padded_rows(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """``x`` zero-padded as ``(N*Hp*Wp, C)`` NHWC rows, then zero rows for padding tile rows,
-    returned as the overlapping view ``(R, kW, C)``: entry ``r`` is one kernel row of the
-    patch whose top-left input row is ``r``."""
+def _padded_view(x: torch.Tensor, plan: _Plan, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` zero-padded as ``(N*Hp*Wp, C)`` NHWC rows (in ``dtype``) and zero tail rows,
+    returned as the overlapping view ``(R, kH, kW, C)``: entry ``r`` is the patch whose
+    top-left row is ``r`` (``r = N*Hp*Wp``: all zeros)."""
     ph, pw = plan.pad
     dh, dw = plan.dilation
-    reach = (plan.kh - 1) * dh * plan.wp + (plan.kw - 1) * dw
-    rows = _scratch("xrows", (plan.zero_row + reach + 1, plan.c), x.dtype, x.device).zero_()
-    grid = rows[: plan.zero_row].view(plan.n, plan.hp, plan.wp, plan.c)
+    rows_n = plan.n * plan.hp * plan.wp
+    rows = _scratch("xrows", (rows_n + _reach(plan) + 1, plan.c), dtype, x.device)
+    grid = rows[:rows_n].view(plan.n, plan.hp, plan.wp, plan.c)
+    # zero only what the copy leaves: the padding border and the tail rows
+    rows[rows_n:].zero_()
+    grid[:, :ph].zero_()
+    grid[:, ph + plan.h :].zero_()
+    grid[:, ph : ph + plan.h, :pw].zero_()
+    grid[:, ph : ph + plan.h, pw + plan.w :].zero_()
     grid[:, ph : ph + plan.h, pw : pw + plan.w].copy_(x.permute(0, 2, 3, 1))
-    usable = rows.shape[0] - (plan.kw - 1) * dw
-    return rows.as_strided((usable, plan.kw, plan.c), (plan.c, dw * plan.c, 1))
+    c = plan.c
+    return rows.as_strided((rows_n + 1, plan.kh, plan.kw, c), (c, dh * plan.wp * c, dw * c, 1))
 
 
-def _tile_weights(per_expert: torch.Tensor, plan: _Plan, buffer: torch.Tensor) -> torch.Tensor:
-    """Each tile's expert's weight block: a copy into ``buffer``, or a free broadcast view
-    when there is a single expert."""
-    if per_expert.shape[0] == 1:
-        return per_expert.expand(plan.tiles, *per_expert.shape[1:])
-    return torch.index_select(per_expert, 0, plan.tile_expert, out=buffer)
+def _reach(plan: _Plan) -> int:
+    """Rows between a patch's first and last padded-NHWC row."""
+    return (plan.kh - 1) * plan.dilation[0] * plan.wp + (plan.kw - 1) * plan.dilation[1]
 
 
-def _low(dtype: torch.dtype) -> bool:
-    return dtype in (torch.float16, torch.bfloat16)
+def _expert_batch(t: torch.Tensor, experts: tuple[int, ...]) -> torch.Tensor:
+    """``t[experts]``: a view when the experts are consecutive, else a (small) copy."""
+    if experts[-1] - experts[0] + 1 == len(experts):
+        return t[experts[0] : experts[-1] + 1]
+    return t.index_select(0, torch.tensor(experts, device=t.device))
 
 
-# Scratch buffers are reused across kernel rows with ``out=`` (and across calls on CPU, see
-# ``_scratch``): fresh multi-MiB allocations are page-faulted in on every use, which cost
-# more than the gathers themselves.
+def _gather_patches(xview: torch.Tensor, base: torch.Tensor, out: torch.Tensor, plan: _Plan) -> None:
+    """``out[r] = xview[base[r]]``. With ``dW == 1`` a kernel row of a patch is a contiguous
+    ``kW*C`` run of the padded rows, so one ``index_select`` of ``rows * kH`` such runs (into
+    the contiguous patch buffer) takes its row-``memcpy`` path: about 2.5x faster than
+    copying strided ``(kH, kW, C)`` slices."""
+    if plan.dilation[1] != 1:
+        torch.index_select(xview, 0, base, out=out)
+        return
+    step = plan.dilation[0] * plan.wp
+    runs = xview.as_strided((xview.shape[0] + (plan.kh - 1) * step, plan.kw * plan.c), (plan.c, 1))
+    offsets = torch.arange(plan.kh, device=base.device) * step
+    torch.index_select(runs, 0, (base.unsqueeze(1) + offsets).view(-1), out=out.view(-1, plan.kw * plan.c))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _flat_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(breadth, out, kH*kW*C)`` with columns in the patch's ``(i, j, c)`` order: a small
+    copy that only swaps ``C`` and the taps (``W_e`` is used as the transposed view
+    ``[e].t()``; the 5-D permute to ``(K, out)`` measured ~3.5x slower at breadth 64)."""
+    b, o, c, kh, kw = weight.shape
+    out = _scratch("w_flat", (b * o, kh * kw, c), dtype, weight.device)
+    # as a batch of (C, kH*kW) -> (kH*kW, C) transposes: ~3.5x faster than the 5-D permute copy
+    out.copy_(weight.reshape(b * o, c, kh * kw).mT)
+    return out.view(b, o, kh * kw * c)
 
 
 def gather_forward(
@@ -178,43 +281,39 @@ def gather_forward(
     dilation: Sequence[int],
     deterministic: bool = False,
 ) -> torch.Tensor:
-    """``gate * (conv(x, weight[index]) + bias)``: per kernel row one gather of ``(kW*C)``-wide
-    patch rows and one batched matmul over the expert tiles; fp32 accumulation for fp16/bf16."""
-    plan = _plan(x, weight, index, stride, padding, dilation)
-    breadth, out_ch = weight.shape[:2]
+    """``gate * (conv(x, weight[index]) + bias)``: one patch gather and one matmul per expert
+    (``addmm`` with the bias) over expert-sorted pixels; fp32 compute for fp16/bf16."""
+    cd = _compute_dtype(x.dtype)
+    plan = _plan(x, weight, index, stride, padding, dilation, cd)
+    out_ch = weight.shape[1]
     total = index.numel()
-    kwc = plan.kw * plan.c
-    rows_out = plan.tiles * plan.tile
-    acc_dtype = torch.float32 if _low(x.dtype) else x.dtype
-    rows = _scratch("rows", (total, out_ch), acc_dtype, x.device)
+    k = plan.kh * plan.kw * plan.c
+    y_slots = _scratch("rows_a", (plan.slots, out_ch), cd, x.device)
     if POISON:
-        rows.fill_(float("nan"))
-    if plan.tiles:
-        xview = _padded_rows(x, plan)
-        wrow = weight.permute(0, 3, 4, 2, 1).reshape(breadth, plan.kh, kwc, out_ch)  # (b, kH, kW*C, out)
-        patches = _scratch("patches", (rows_out, plan.kw, plan.c), x.dtype, x.device)
-        w_tiles = _scratch("w_tiles", (plan.tiles, kwc, out_ch), x.dtype, x.device)
-        acc = _scratch("acc", (plan.tiles, plan.tile, out_ch), acc_dtype, x.device)
-        part = _scratch("part", (plan.tiles, plan.tile, out_ch), x.dtype, x.device) if acc_dtype != x.dtype else None
-        for i in range(plan.kh):
-            torch.index_select(xview, 0, plan.base + i * plan.dilation[0] * plan.wp, out=patches)
-            w_i = _tile_weights(wrow[:, i], plan, w_tiles)
-            p3 = patches.view(plan.tiles, plan.tile, kwc)
-            if part is not None:
-                torch.bmm(p3, w_i, out=part)
-                acc.copy_(part) if i == 0 else acc.add_(part)
-            elif i == 0:
-                torch.bmm(p3, w_i, out=acc)
+        y_slots.fill_(float("nan"))
+    if plan.chunks:
+        xview = _padded_view(x, plan, cd)
+        w_flat = _flat_weight(weight, cd)
+        b_cd = bias.to(cd) if bias is not None else None
+        for ch in plan.chunks:
+            g, rows = len(ch.experts), ch.rows
+            end = ch.start + g * rows
+            patches = _scratch("patches", (g * rows, plan.kh, plan.kw, plan.c), cd, x.device)
+            _gather_patches(xview, plan.base[ch.start : end], patches, plan)
+            pm = patches.view(g * rows, k)
+            out = y_slots[ch.start : end]
+            if g == 1:
+                w_e = w_flat[ch.experts[0]].t()
+                torch.mm(pm, w_e, out=out) if b_cd is None else torch.addmm(b_cd, pm, w_e, out=out)
             else:
-                acc.baddbmm_(p3, w_i)
-        torch.index_select(acc.view(-1, out_ch), 0, plan.pixel_row, out=rows)
-    if bias is not None:
-        rows += bias
-    gate_rows = gate.reshape(-1, 1)
-    if torch.promote_types(rows.dtype, gate.dtype) == rows.dtype:
-        rows.mul_(gate_rows)
-    else:
-        rows = rows * gate_rows
+                w_g = _expert_batch(w_flat, ch.experts).transpose(1, 2)
+                out = out.view(g, rows, out_ch)
+                if b_cd is None:
+                    torch.bmm(pm.view(g, rows, k), w_g, out=out)
+                else:
+                    torch.baddbmm(b_cd.view(1, 1, out_ch), pm.view(g, rows, k), w_g, out=out)
+    y_nat = _scratch("rows_b", (total, out_ch), cd, x.device)
+    torch.index_select(y_slots, 0, plan.pixel_slot, out=y_nat)
     y = torch.empty(
         (plan.n, out_ch, plan.h_out, plan.w_out),
         dtype=output_dtype(x, gate),
@@ -223,7 +322,12 @@ def gather_forward(
     )
     if POISON:
         y.fill_(float("nan"))
-    return y.copy_(rows.view(plan.n, plan.h_out, plan.w_out, out_ch).permute(0, 3, 1, 2))  # never alias the scratch
+    # gate and layout in one pass; never alias the scratch
+    if y.is_contiguous():  # as a batch of (pixels, out) -> (out, pixels) transposes: faster than 4-D
+        hw = plan.h_out * plan.w_out
+        torch.mul(y_nat.view(plan.n, hw, out_ch).mT, gate.reshape(plan.n, 1, hw), out=y.view(plan.n, out_ch, hw))
+        return y
+    return torch.mul(y_nat.view(plan.n, plan.h_out, plan.w_out, out_ch).permute(0, 3, 1, 2), gate.unsqueeze(1), out=y)
 
 
 def gather_backward(
@@ -241,106 +345,135 @@ def gather_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`gather_forward` for ``x``, ``weight``, ``bias``, ``gate``.
 
-    Kernel row by kernel row, like the forward. ``grad_gate = <g, conv + bias>`` per pixel
-    is computed without re-running the forward matmul: ``<g, P W> = <g W^T, P>``, and
-    ``g W^T`` is the patch gradient that ``grad_x`` needs anyway. ``grad_x`` is accumulated
-    with one strided add per tap into the padded input (no scatter); per-tile weight
-    gradients are summed per expert with ``index_add_`` (deterministic on CPU; on CUDA as
-    deterministic as PyTorch's ``index_add_`` under ``torch.use_deterministic_algorithms``).
+    Per chunk of expert-sorted rows: one patch gather, then per expert ``grad_W_e^T =
+    (gate*g)_e^T P_e``, the recomputed pre-gate output ``P_e W_e^T + b`` (for ``grad_gate =
+    <g, .>``) and the patch gradient ``(gate*g)_e W_e`` written over the patches; then one
+    ``scatter_add_`` (CPU; deterministic) or ``index_add_`` (other devices) folds every tap of
+    the patch gradient into the padded input gradient. Off the CPU with ``deterministic``,
+    the fold goes tap by tap without atomics (:func:`_fold_tapwise`).
     """
     need_x, need_w, need_b, need_g = needs
-    plan = _plan(x, weight, index, stride, padding, dilation)
+    dtype = x.dtype
+    cd = _compute_dtype(dtype)
+    plan = _plan(x, weight, index, stride, padding, dilation, cd)
     breadth, out_ch = weight.shape[:2]
     c, kh, kw = plan.c, plan.kh, plan.kw
-    kwc = kw * c
+    k = kh * kw * c
     total = index.numel()
-    rows_out = plan.tiles * plan.tile
-    dtype = x.dtype
-    acc_dtype = torch.float32 if _low(dtype) else dtype
+    dev = x.device
 
-    # grad_y as NHWC rows plus one zero row (that padding tile rows read)
-    g_ext = _scratch("g_ext", (total + 1, out_ch), dtype, x.device)
-    g_ext[:total].view(plan.n, plan.h_out, plan.w_out, out_ch).copy_(grad.permute(0, 2, 3, 1))
-    g_ext[total].zero_()
-    g_rows = g_ext[:total]
-    gate_rows = gate.reshape(total, 1).to(dtype)
-    if need_b:  # sum over pixels of gate * grad_y: one matrix-vector product, no temporary
-        grad_b = (g_rows.t().to(acc_dtype) @ gate_rows.to(acc_dtype)).view(out_ch).to(weight.dtype)
+    # grad_y as NHWC rows (plus a zero row that padding slots read), in slot order unscaled
+    # (for grad_gate) and times the gate (for the rest)
+    g_nat = _scratch("rows_a", (total + 1, out_ch), cd, dev)
+    if grad.is_contiguous():
+        hw = plan.h_out * plan.w_out
+        g_nat[:total].view(plan.n, hw, out_ch).copy_(grad.view(plan.n, out_ch, hw).mT)
     else:
-        grad_b = weight.new_zeros(out_ch)
-    grad_w = weight.new_zeros((kh, breadth, out_ch * kwc), dtype=acc_dtype) if need_w else None
-    gx_pad = _scratch("gx_pad", (plan.n, plan.hp, plan.wp, c), acc_dtype, x.device).zero_() if need_x else None
-    gg_acc = _scratch("gg_acc", (rows_out, kwc), acc_dtype, x.device) if need_g else None  # row 0 writes it
+        g_nat[:total].view(plan.n, plan.h_out, plan.w_out, out_ch).copy_(grad.permute(0, 2, 3, 1))
+    g_nat[total].zero_()
+    g_slots = _scratch("rows_b", (plan.slots, out_ch), cd, dev)
+    torch.index_select(g_nat, 0, plan.slot_pixel, out=g_slots)
+    gate_ext = torch.cat([gate.reshape(-1).to(cd), gate.new_zeros(1, dtype=cd)])
+    gs = _scratch("rows_c", (plan.slots, out_ch), cd, dev)
+    torch.mul(g_slots, gate_ext.index_select(0, plan.slot_pixel).unsqueeze(1), out=gs)
 
-    if plan.tiles and (need_x or need_w or need_g):
-        # tile layout of grad_y (unscaled: for grad_x / grad_gate) and of gate * grad_y (grad_w)
-        g_tiles = _scratch("g_tiles", (plan.tiles, plan.tile, out_ch), dtype, x.device)
-        torch.index_select(g_ext, 0, plan.row_pixel, out=g_tiles.view(-1, out_ch))
-        if need_w:
-            gate_ext = torch.cat([gate_rows, gate_rows.new_zeros(1, 1)])
-            gate_tiles = gate_ext.index_select(0, plan.row_pixel).view(plan.tiles, plan.tile, 1)
-            gs_tiles = _scratch("gs_tiles", (plan.tiles, plan.tile, out_ch), dtype, x.device)
-            gs_tiles_t = torch.mul(g_tiles, gate_tiles, out=gs_tiles).transpose(1, 2)
-            part_w = _scratch("part_w", (plan.tiles, out_ch, kwc), dtype, x.device)
-        if need_w or need_g:
-            xview = _padded_rows(x, plan)
-            patches = _scratch("patches", (rows_out, kw, c), dtype, x.device)
-        if need_x or need_g:
-            wrow_t = weight.permute(0, 3, 1, 4, 2).reshape(breadth, kh, out_ch, kwc)  # (b, kH, out, kW*C)
-            w_tiles = _scratch("w_tiles", (plan.tiles, out_ch, kwc), dtype, x.device)
-            gp = _scratch("gp", (plan.tiles, plan.tile, kwc), dtype, x.device)
-        if need_x:
-            gp_nat = _scratch("gp_nat", (total, kwc), dtype, x.device)
-            gate_nat = gate.to(acc_dtype).unsqueeze(-1)
-        sh, sw = stride
+    grad_b = gs.sum(0).to(weight.dtype) if need_b else weight.new_zeros(out_ch)
+    gw = _scratch("gw", (breadth, out_ch, k), cd, dev) if need_w else None  # grad_W^T per expert
+    pre = _scratch("rows_d", (plan.slots, out_ch), cd, dev) if need_g else None  # P W^T + b per slot
+    if need_x:
+        rows_n = plan.n * plan.hp * plan.wp
+        gx_rows = _scratch("gx_rows", (rows_n + _reach(plan) + 1, c), cd, dev).zero_()
         dh, dw = plan.dilation
-        for i in range(kh):
-            if need_w or need_g:
-                torch.index_select(xview, 0, plan.base + i * dh * plan.wp, out=patches)
-            p3 = patches.view(plan.tiles, plan.tile, kwc) if (need_w or need_g) else None
-            if need_w:
-                torch.bmm(gs_tiles_t, p3, out=part_w)
-                grad_w[i].index_add_(0, plan.tile_expert, part_w.view(plan.tiles, -1).to(acc_dtype))
-            if need_x or need_g:
-                torch.bmm(g_tiles, _tile_weights(wrow_t[:, i], plan, w_tiles), out=gp)  # d loss / d patch row, before the gate
-                if need_g:
-                    if i == 0:
-                        torch.mul(gp.view(rows_out, kwc), patches.view(rows_out, kwc), out=gg_acc)
+        taps = torch.tensor(
+            [i * dh * plan.wp + j * dw for i in range(kh) for j in range(kw)], dtype=torch.int64, device=dev
+        )
+        fold_tapwise = deterministic and dev.type != "cpu"
+
+    if plan.chunks and (need_x or need_w or need_g):
+        xview = _padded_view(x, plan, cd)
+        w_flat = _flat_weight(weight, cd)
+        b_cd = bias.to(cd) if (need_g and bias is not None) else None
+        for ch in plan.chunks:
+            g, rows = len(ch.experts), ch.rows
+            end = ch.start + g * rows
+            patches = _scratch("patches", (g * rows, kh, kw, c), cd, dev)
+            _gather_patches(xview, plan.base[ch.start : end], patches, plan)
+            pm = patches.view(g * rows, k)
+            gs_c = gs[ch.start : end]
+            if g == 1:
+                e = ch.experts[0]
+                if need_w:  # (gate*g)^T P: this orientation (short output, long K) runs faster
+                    if ch.accumulate:  # a later piece of a split expert: add up, in a fixed order
+                        gw[e].addmm_(gs_c.t(), pm)
                     else:
-                        gg_acc.addcmul_(gp.view(rows_out, kwc), patches.view(rows_out, kwc))
+                        torch.mm(gs_c.t(), pm, out=gw[e])
+                if need_g:
+                    if b_cd is None:
+                        torch.mm(pm, w_flat[e].t(), out=pre[ch.start : end])
+                    else:
+                        torch.addmm(b_cd, pm, w_flat[e].t(), out=pre[ch.start : end])
+                if need_x:  # the patch gradient replaces the patches (no longer needed)
+                    torch.mm(gs_c, w_flat[e], out=pm)
+            else:
+                p3, gs3 = pm.view(g, rows, k), gs_c.view(g, rows, out_ch)
+                w_g = _expert_batch(w_flat, ch.experts)
+                if need_w:
+                    if ch.experts[-1] - ch.experts[0] + 1 == g:
+                        torch.bmm(gs3.transpose(1, 2), p3, out=gw[ch.experts[0] : ch.experts[-1] + 1])
+                    else:
+                        gw.index_copy_(0, torch.tensor(ch.experts, device=dev), torch.bmm(gs3.transpose(1, 2), p3))
+                if need_g:
+                    pre3 = pre[ch.start : end].view(g, rows, out_ch)
+                    if b_cd is None:
+                        torch.bmm(p3, w_g.transpose(1, 2), out=pre3)
+                    else:
+                        torch.baddbmm(b_cd.view(1, 1, out_ch), p3, w_g.transpose(1, 2), out=pre3)
                 if need_x:
-                    torch.index_select(gp.view(rows_out, kwc), 0, plan.pixel_row, out=gp_nat)
-                    taps = gp_nat.view(plan.n, plan.h_out, plan.w_out, kw, c)
-                    hi = i * dh
-                    for j in range(kw):
-                        wi = j * dw
-                        target = gx_pad[
-                            :, hi : hi + sh * (plan.h_out - 1) + 1 : sh, wi : wi + sw * (plan.w_out - 1) + 1 : sw
-                        ]
-                        target.addcmul_(taps[:, :, :, j], gate_nat)
+                    torch.bmm(gs3, w_g, out=p3)
+            if need_x:  # padding slots carry zero gradients into the (unread) zero tail rows
+                base_c = plan.base[ch.start : end]
+                if fold_tapwise:
+                    _fold_tapwise(gx_rows, pm, base_c, taps)
+                else:
+                    fold_index = (base_c.unsqueeze(1) + taps).view(-1, 1)
+                    if dev.type == "cpu":  # parallel over channels, each target summed in row order
+                        gx_rows.scatter_add_(0, fold_index.expand(-1, c), pm.view(-1, c))
+                    else:
+                        gx_rows.index_add_(0, fold_index.view(-1), pm.view(-1, c))
 
     fmt = memory_format_of(x)
     if need_x:
         ph, pw = plan.pad
-        gx = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=fmt)
-        gx.copy_(gx_pad[:, ph : ph + plan.h, pw : pw + plan.w].permute(0, 3, 1, 2))  # never alias the scratch
+        grid = gx_rows[:rows_n].view(plan.n, plan.hp, plan.wp, c)
+        gx = torch.empty(x.shape, dtype=dtype, device=dev, memory_format=fmt)
+        gx.copy_(grid[:, ph : ph + plan.h, pw : pw + plan.w].permute(0, 3, 1, 2))  # never alias the scratch
     else:
-        gx = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=fmt).zero_()
+        gx = torch.zeros(x.shape, dtype=dtype, device=dev).contiguous(memory_format=fmt)
     if need_w:
-        grad_w = grad_w.view(kh, breadth, out_ch, kw, c).permute(1, 2, 4, 0, 3)
-        grad_w = grad_w.to(weight.dtype).contiguous()
+        seen = {e for ch in plan.chunks for e in ch.experts}
+        for e in range(breadth):
+            if e not in seen:
+                gw[e].zero_()
+        grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=dev)  # never alias the scratch
+        grad_w.view(breadth * out_ch, c, kh * kw).copy_(gw.view(breadth * out_ch, kh * kw, c).mT)
     else:
         grad_w = torch.zeros_like(weight, memory_format=torch.contiguous_format)
     if need_g:
-        if not plan.tiles:
-            gg_acc.zero_()
-        grad_gate = gg_acc.sum(-1).index_select(0, plan.pixel_row)
-        if bias is not None:
-            grad_gate += g_rows.to(acc_dtype) @ bias.to(acc_dtype)
-        grad_gate = grad_gate.to(gate.dtype).view(gate.shape)
+        gg_slots = (g_slots * pre).sum(-1) if plan.chunks else g_slots.new_zeros(total)
+        grad_gate = gg_slots.index_select(0, plan.pixel_slot).to(gate.dtype).view(gate.shape)
     else:
         grad_gate = torch.zeros(gate.shape, dtype=gate.dtype, device=gate.device)
     return gx, grad_w, grad_b, grad_gate
+
+
+def _fold_tapwise(gx_rows: torch.Tensor, pm: torch.Tensor, base: torch.Tensor, taps: torch.Tensor) -> None:
+    """Deterministic fold off the CPU (no atomics): per tap, the rows of distinct pixels hit
+    distinct targets, so a gather, an add and a plain (non-accumulating) scatter do it."""
+    c = gx_rows.shape[1]
+    per_tap = pm.view(pm.shape[0], -1, c)
+    for t in range(taps.numel()):
+        target = base + taps[t]
+        gx_rows.index_put_((target,), gx_rows.index_select(0, target).add_(per_tap[:, t]))
 
 
 _gather_op = define_switched_op("gather", gather_forward, gather_backward)
