@@ -10,14 +10,6 @@ from torch import nn
 from dynconv import CondConv2d, CondLinear, Involution2d
 
 
-@pytest.fixture
-def f64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 @pytest.mark.parametrize("routing", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("groups", [1, 2, 4])
 def test_cond_conv_per_example_math(routing, groups, f64):

@@ -11,11 +11,8 @@ from dynconv import ops
 
 
 @pytest.fixture(autouse=True)
-def float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+def float64_default(f64):
+    """Every test here runs in float64 (see the ``f64`` fixture in conftest.py)."""
 
 
 def naive_switched(x, weight, bias, routing, stride, padding, dilation):

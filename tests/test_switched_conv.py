@@ -13,14 +13,6 @@ from dynconv.nn import hard_index_gate, hard_routing
 from dynconv.ops.switched import all_experts
 
 
-@pytest.fixture
-def f64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def test_hard_routing_rule():
     p = torch.rand(2, 4, 3, 3, dtype=torch.float64).softmax(1).requires_grad_()
     out = hard_routing(p)

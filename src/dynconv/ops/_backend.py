@@ -34,3 +34,11 @@ def triton_usable_on(x: torch.Tensor) -> bool:
     if x.is_cuda:
         return True
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def auto_backend(x: torch.Tensor, registered) -> str:
+    """``'auto'`` for ops with 'cpu'/'triton' backends: triton on CUDA, the CPU path on
+    CPU, the reference where neither is registered (e.g. triton missing on a GPU box)."""
+    if x.is_cuda:
+        return "triton" if "triton" in registered else "reference"
+    return "cpu" if "cpu" in registered else "reference"

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import float_input, positive_int
-from ._backend import check_backend
+from ._backend import auto_backend, check_backend
 
 BACKENDS: dict[str, Callable[..., torch.Tensor]] = {}
 
@@ -62,7 +62,7 @@ def cond_conv2d(
     check_backend(backend, ("auto", "reference", *BACKENDS))
     _check(x, weight, bias, routing_weights, groups)
     if backend == "auto":
-        backend = "triton" if (x.is_cuda and "triton" in BACKENDS) else ("cpu" if "cpu" in BACKENDS and not x.is_cuda else "reference")
+        backend = auto_backend(x, BACKENDS)
     if backend == "reference":
         return reference_cond_conv2d(x, weight, bias, routing_weights, stride, padding, dilation, groups)
     return BACKENDS[backend](x, weight, bias, routing_weights, stride, padding, dilation, groups)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import conv_output_size, float_input, pair, positive_int
-from ._backend import check_backend
+from ._backend import auto_backend, check_backend
 
 BACKENDS: dict[str, Callable[..., torch.Tensor]] = {}
 
@@ -54,7 +54,7 @@ def involution2d(
     check_backend(backend, ("auto", "reference", *BACKENDS))
     k, s, p, d = _check(x, kernel, kernel_size, stride, padding, dilation, groups)
     if backend == "auto":
-        backend = "triton" if (x.is_cuda and "triton" in BACKENDS) else ("cpu" if "cpu" in BACKENDS and not x.is_cuda else "reference")
+        backend = auto_backend(x, BACKENDS)
     if backend == "reference":
         return reference_involution2d(x, kernel, k, s, p, d, groups)
     return BACKENDS[backend](x, kernel, k, s, p, d, groups)
