@@ -113,3 +113,17 @@ def test_shipped_configs_exist():
 def test_shipped_configs_validate(path):
     config = load_config(path)
     check_config(config, training=False)
+
+
+SHARED_SR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sr"
+
+
+@pytest.mark.skipif(not SHARED_SR.is_dir(), reason=f"shared SR data not found at {SHARED_SR}")
+@pytest.mark.parametrize("name", ["sr_plain_x2", "sr_switched_x2", "staged_switched"])
+def test_shipped_sr_configs_train_on_the_real_data(name, tmp_path):
+    """One step on T91 and one Set5 image: the configs' patch sizes fit every training image."""
+    path = next(p for p in CONFIGS if p.stem == name)
+    config = load_config(path, [f"data.root={SHARED_SR}", "train.steps=1", "train.batch_size=2", "data.num_workers=0",
+                                "eval.max_batches=1", "log.tensorboard=false", "log.progress=false", "convert=null"])
+    result = Trainer(config, tmp_path / "run").fit()
+    assert result.step == 1 and result.metrics["psnr_y"] > 20
