@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from .common import environment, sync, timed_ms
 
 # name, N, C, H(=W), k, groups
 SHAPES: list[tuple[str, int, int, int, int, int]] = [
@@ -56,30 +56,12 @@ def grouped_conv_trick(x, weight, bias, routing_weights, stride=1, padding=0, di
     return y.permute([1, 0, 2, 3]).view(b, out, y.shape[-2], y.shape[-1])
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_ms(fn: Callable[[], object], device: torch.device, reps: int, warmup: int) -> float:
     """Median wall time of ``fn`` in ms (CUDA events on GPU)."""
     for _ in range(warmup):
         fn()
     sync(device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(timed_ms(fn, device) for _ in range(reps))
 
 
 def measure(
@@ -192,18 +174,6 @@ def summary(rows: list[Row]) -> list[str]:
             b = trick.fwd_bwd_ms / by[fast].fwd_bwd_ms if trick and trick.fwd_bwd_ms else None
             out.append(f"| {key[0]} | {key[1]} | {key[2]} | {fast} | {_f(a)} | {_f(b)} |")
     return out
-
-
-def environment(device: torch.device) -> dict[str, str]:
-    env = {"torch": torch.__version__, "python": platform.python_version(), "threads": str(torch.get_num_threads())}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except Exception:  # pragma: no cover - optional dependency
-        env["triton"] = "unavailable"
-    env["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    return env
 
 
 def build_parser(prog: str = "python -m dynconv.bench condconv", experts: bool = True) -> argparse.ArgumentParser:

@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
+
+from .common import environment, sync, timed_ms
 
 # name -> (N, C_in, C_out, H=W)
 SHAPES: dict[str, tuple[int, int, int, int]] = {
@@ -65,25 +63,6 @@ class Row:
     note: str = ""
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
-    """One call of ``fn`` in ms: CUDA events on GPU, ``perf_counter`` on CPU."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
 def interleaved_medians(
     fns: dict[str, Callable[[], object]], device: torch.device, reps: int, warmup: int
 ) -> tuple[dict[str, float], dict[str, str]]:
@@ -96,7 +75,7 @@ def interleaved_medians(
         try:
             for _ in range(warmup):
                 fn()
-            _sync(device)
+            sync(device)
         except Exception as exc:  # noqa: BLE001 - reported in the table, the run goes on
             errors[name] = _describe(exc)
             del live[name]
@@ -105,7 +84,7 @@ def interleaved_medians(
     times: dict[str, list[float]] = {name: [] for name in live}
     for _ in range(reps):
         for name, fn in live.items():
-            times[name].append(_timed(fn, device))
+            times[name].append(timed_ms(fn, device))
     return {name: statistics.median(v) for name, v in times.items()}, errors
 
 
@@ -123,7 +102,7 @@ def peak_extra_mib(step: Callable[[], object], device: torch.device) -> float | 
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     step()
-    _sync(device)
+    sync(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
@@ -267,33 +246,6 @@ def target_lines(rows: list[Row], device: torch.device) -> list[str]:
                 checks.append(f"{label} {_f(value)}x (target <= {limit}x) {'ok' if ok else 'MISSED'}")
             lines.append(f"- {r.method} {r.shape} b={r.breadth} {r.dtype}: " + "; ".join(checks))
     return lines
-
-
-def environment(device: torch.device) -> dict[str, str]:
-    env = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": str(torch.get_num_threads()),
-        "cuda": str(torch.version.cuda),
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except Exception:  # pragma: no cover - optional dependency
-        env["triton"] = "unavailable"
-    if device.type == "cuda":
-        env["device"] = torch.cuda.get_device_name(device)
-    else:
-        env["device"] = f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs)"
-    try:
-        root = Path(__file__).resolve().parents[3]
-        env["commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
-        ).stdout.strip() or "unknown"
-    except Exception:  # pragma: no cover - no git
-        env["commit"] = "unknown"
-    return env
 
 
 def _csv(text: str, allowed, name: str, cast=str) -> list:
