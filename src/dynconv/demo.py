@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .config import Config, config_from_dict
-from .data import bicubic_resize, build_dataset
+from .data import bicubic_resize
 from .insight import normalised_entropy, routing_stats, selector_maps
 from .metrics import psnr_y, ssim_y
 from .models import build_model, match_flops
@@ -69,7 +69,6 @@ class ModelResult:
     train_seconds: float
     psnr_y: float
     ssim_y: float
-    trainer_metrics: dict[str, float]
     curve: list[tuple[int, float]]
     routing: dict[str, Any] | None = None
 
@@ -133,17 +132,17 @@ def _curve_and_time(run_dir: Path, batch_size: int) -> tuple[list[tuple[int, flo
 
 
 @torch.no_grad()
-def held_out_outputs(model: torch.nn.Module, dataset, device: torch.device) -> list[dict[str, torch.Tensor]]:
+def held_out_sample(model: torch.nn.Module, dataset, device: torch.device) -> dict[str, torch.Tensor]:
+    """The first held-out image's LR, HR and the model's output, for the report's pictures."""
     model.eval()
-    items = []
-    for i in range(len(dataset)):
-        item = dataset[i]
-        sr = model(item["lr"][None].to(device)).float().clamp(0, 1).cpu()
-        items.append({"lr": item["lr"], "hr": item["hr"], "sr": sr[0]})
-    return items
+    item = dataset[0]
+    sr = model(item["lr"][None].to(device)).float().clamp(0, 1).cpu()
+    return {"lr": item["lr"], "hr": item["hr"], "sr": sr[0]}
 
 
-def train_variant(s: DemoSettings, name: str, target: float, log) -> tuple[ModelResult, torch.nn.Module, Any]:
+def train_variant(s: DemoSettings, name: str, target: float, log) -> tuple[ModelResult, torch.nn.Module, dict, Any]:
+    """Train one variant; returns its result, the trained model, the held-out sample and
+    the eval dataset. PSNR/SSIM are the trainer's final evaluation (all held-out images)."""
     from .train import Trainer
 
     options = model_options(s, name, target)
@@ -156,13 +155,8 @@ def train_variant(s: DemoSettings, name: str, target: float, log) -> tuple[Model
     wall = time.perf_counter() - start
     curve, seconds = _curve_and_time(run_dir, s.batch_size)
     model = trainer.eval_model()
-    outputs = held_out_outputs(model, trainer.eval_dataset, trainer.device)
-    sr = [o["sr"][None] for o in outputs]
-    hr = [o["hr"][None] for o in outputs]
-    psnr = float(np.mean([float(psnr_y(a, b, s.scale)[0]) for a, b in zip(sr, hr)]))
-    ssim = float(np.mean([float(ssim_y(a, b, s.scale)[0]) for a, b in zip(sr, hr)]))
+    psnr, ssim = result.metrics["psnr_y"], result.metrics["ssim_y"]
     lr_shape = (1, 3, s.patch_size // s.scale, s.patch_size // s.scale)
-    cpu_model = build_model(VARIANTS[name][0], **options)
     routing = None
     if name == "switched":
         stats = routing_stats(model)
@@ -170,12 +164,13 @@ def train_variant(s: DemoSettings, name: str, target: float, log) -> tuple[Model
     log(f"[{name}] done in {wall:.1f} s (training {seconds:.1f} s): PSNR-Y {psnr:.2f} dB, SSIM-Y {ssim:.4f}")
     return (
         ModelResult(
-            name=name, model=VARIANTS[name][0], channels=options["channels"], params=count_parameters(cpu_model),
-            flops_per_pixel=flops_per_pixel(cpu_model, lr_shape), steps=result.step, train_seconds=seconds,
-            psnr_y=psnr, ssim_y=ssim, trainer_metrics=result.metrics, curve=curve, routing=routing,
+            name=name, model=VARIANTS[name][0], channels=options["channels"], params=count_parameters(model),
+            flops_per_pixel=flops_per_pixel(model, lr_shape), steps=result.step, train_seconds=seconds,
+            psnr_y=psnr, ssim_y=ssim, curve=curve, routing=routing,
         ),
         model,
-        outputs,
+        held_out_sample(model, trainer.eval_dataset, trainer.device),
+        trainer.eval_dataset,
     )
 
 
@@ -199,8 +194,8 @@ def _enlarge(image: np.ndarray, factor: int) -> np.ndarray:
     return image.repeat(factor, 0).repeat(factor, 1)
 
 
-def build_report(s: DemoSettings, rows: list[dict], results: list[ModelResult], outputs: dict[str, list],
-                 bicubic: list[torch.Tensor], switched: torch.nn.Module | None, eval_names: list[str]) -> Path:
+def build_report(s: DemoSettings, rows: list[dict], results: list[ModelResult], samples: dict[str, dict],
+                 bicubic: torch.Tensor, switched: torch.nn.Module | None, eval_names: list[str]) -> Path:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -231,16 +226,16 @@ def build_report(s: DemoSettings, rows: list[dict], results: list[ModelResult], 
     ax.grid(alpha=0.3)
     report.heading("Loss curves").image(figure_png(fig), "training loss (mean over each logging window)")
 
-    first = outputs[results[0].name][0]
+    first = samples[results[0].name]
     hr = first["hr"]
     size = min(96, hr.shape[1], hr.shape[2])
     top, left = _crop_box(hr, size)
     window = (slice(None), slice(top, top + size), slice(left, left + size))
     factor = max(1, 256 // size)
     crops = [(array_png(_enlarge(_to_hwc(hr[window]), factor)), "ground truth"),
-             (array_png(_enlarge(_to_hwc(bicubic[0][0][window]), factor)), "bicubic")]
+             (array_png(_enlarge(_to_hwc(bicubic[0][window]), factor)), "bicubic")]
     for r in results:
-        crops.append((array_png(_enlarge(_to_hwc(outputs[r.name][0]["sr"][window]), factor)), r.name))
+        crops.append((array_png(_enlarge(_to_hwc(samples[r.name]["sr"][window]), factor)), r.name))
     report.heading(f"Sample crops ({eval_names[0]}, {size}x{size} HR pixels, enlarged)").images(crops)
 
     if switched is not None:
@@ -288,27 +283,26 @@ def run(s: DemoSettings, log=print) -> dict[str, Any]:
     lr_shape = (1, 3, s.patch_size // s.scale, s.patch_size // s.scale)
     target = flops_per_pixel(build_model("sr_plain", scale=s.scale, num_layers=s.num_layers, channels=s.channels), lr_shape)
     log(f"dynconv demo: x{s.scale} SR, {len(s.models)} models at ~{target:,.0f} FLOPs per HR pixel, {s.steps} steps each -> {s.out}")
-    results, outputs, modules = [], {}, {}
+    results, samples, modules = [], {}, {}
     total_start = time.perf_counter()
     for name in s.models:
-        result, model, outs = train_variant(s, name, target, log)
+        result, model, sample, eval_dataset = train_variant(s, name, target, log)
         results.append(result)
-        outputs[name] = outs
+        samples[name] = sample
         modules[name] = model
 
-    eval_dataset = build_dataset(**_eval_dataset_args(s))
     names = list(eval_dataset.names) if hasattr(eval_dataset, "names") else [f"image {i}" for i in range(len(eval_dataset))]
-    ref = outputs[results[0].name]
-    bicubic = [bicubic_resize(o["lr"][None], s.scale).clamp(0, 1) for o in ref]
-    bic_psnr = float(np.mean([float(psnr_y(b, o["hr"][None], s.scale)[0]) for b, o in zip(bicubic, ref)]))
-    bic_ssim = float(np.mean([float(ssim_y(b, o["hr"][None], s.scale)[0]) for b, o in zip(bicubic, ref)]))
+    pairs = [eval_dataset[i] for i in range(len(eval_dataset))]
+    bicubic = [bicubic_resize(p["lr"][None], s.scale).clamp(0, 1) for p in pairs]
+    bic_psnr = float(np.mean([float(psnr_y(b, p["hr"][None], s.scale)[0]) for b, p in zip(bicubic, pairs)]))
+    bic_ssim = float(np.mean([float(ssim_y(b, p["hr"][None], s.scale)[0]) for b, p in zip(bicubic, pairs)]))
     rows = [{"model": "bicubic", "channels": "-", "params": 0, "FLOPs/px": "-", "steps": "-", "train s": "-",
              "PSNR-Y": bic_psnr, "SSIM-Y": bic_ssim, "dPSNR vs bicubic": 0.0}]
     for r in results:
         rows.append({"model": r.name, "channels": r.channels, "params": r.params, "FLOPs/px": round(r.flops_per_pixel),
                      "steps": r.steps, "train s": r.train_seconds, "PSNR-Y": r.psnr_y, "SSIM-Y": r.ssim_y,
                      "dPSNR vs bicubic": r.psnr_y - bic_psnr})
-    report = build_report(s, rows, results, outputs, bicubic, modules.get("switched"), names)
+    report = build_report(s, rows, results, samples, bicubic[0], modules.get("switched"), names)
     elapsed = time.perf_counter() - total_start
     table = format_table(rows)
     log("")
@@ -326,14 +320,6 @@ def run(s: DemoSettings, log=print) -> dict[str, Any]:
     }
     (s.out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary
-
-
-def _eval_dataset_args(s: DemoSettings) -> dict[str, Any]:
-    data = data_section(s)
-    options = {**data["options"], **data["eval_options"]}
-    if "root" in data:
-        options["root"] = data["root"]
-    return {"name": data["name"], "split": data.get("eval_split", "test"), **options}
 
 
 FORMATS = {"train s": "{:.1f}", "PSNR-Y": "{:.2f}", "SSIM-Y": "{:.4f}", "dPSNR vs bicubic": "{:+.2f}"}
