@@ -11,7 +11,7 @@ from torch import nn
 
 from ._checks import choice
 from .nn.cond_conv import CondConv2d
-from .nn.switched_conv import SwitchedConv2d
+from .nn.switched_conv import SwitchedConv2d, conv_padding
 
 Include = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
 TARGETS = ("switched", "condconv")
@@ -42,9 +42,10 @@ def _skip_reason(conv: nn.Conv2d, to: str) -> str | None:
         return f"padding_mode={conv.padding_mode!r} is not supported"
     if to == "switched" and conv.groups != 1:
         return f"groups={conv.groups} is not supported by SwitchedConv2d"
-    if isinstance(conv.padding, str) and conv.padding == "same":
-        if any((d * (k - 1)) % 2 for k, d in zip(conv.kernel_size, conv.dilation)):
-            return "padding='same' with an even receptive field is asymmetric"
+    try:
+        conv_padding(conv)
+    except ValueError as error:  # e.g. padding='same' with an even receptive field
+        return str(error)
     return None
 
 

@@ -32,10 +32,8 @@ def selector_maps(model: nn.Module, x, *args, **kwargs) -> dict[str, torch.Tenso
         model(x, *args, **kwargs)
         maps = {}
         for name, layer in layers.items():
-            if layer.last_selection is not None:
+            if layer.last_selection is not None:  # breadth-1 layers select nothing
                 maps[name] = layer.last_selection
-            elif layer.breadth == 1:
-                continue
     finally:
         for module, mode in was_training.items():
             module.training = mode

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops._backend import MIXTURE_BACKENDS
 from .._checks import choice, float_input, pair, positive_int
 
 IntOrPair = Union[int, tuple[int, int]]
@@ -146,7 +147,7 @@ class CondConv2d(_ExpertMixture):
         self.padding = pair(padding, "padding", minimum=0)
         self.dilation = pair(dilation, "dilation", minimum=1)
         self.num_experts = positive_int(num_experts, "num_experts")
-        self.backend = choice(backend, "backend", ("auto", "reference", "cpu", "triton"))
+        self.backend = choice(backend, "backend", MIXTURE_BACKENDS)
         self.route = _ExpertRouting(in_channels, num_experts, routing, temperature, factory)
         self.weight = nn.Parameter(
             torch.empty(num_experts, out_channels, in_channels // groups, *self.kernel_size, **factory)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops._backend import MIXTURE_BACKENDS
 from .._checks import choice, float_input, positive_int
 
 
@@ -40,7 +41,7 @@ class Involution2d(nn.Module):
             raise ValueError(f"channels ({channels}) must be divisible by groups ({self.groups})")
         self.reduction = positive_int(reduction, "reduction")
         self.padding = self.dilation * (self.kernel_size - 1) // 2
-        self.backend = choice(backend, "backend", ("auto", "reference", "cpu", "triton"))
+        self.backend = choice(backend, "backend", MIXTURE_BACKENDS)
         hidden = max(1, channels // self.reduction)
         self.pool = nn.AvgPool2d(self.stride, self.stride, ceil_mode=True) if self.stride > 1 else nn.Identity()
         self.reduce = nn.Sequential(

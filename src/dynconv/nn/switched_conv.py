@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops._backend import SWITCHED_BACKENDS
 from .._checks import choice, conv_output_size, float_input, pair, positive_int
 from .routing import hard_index_gate
 from .selectors import SELECTORS, align_to_output_grid, build_selector
@@ -64,7 +65,7 @@ class SwitchedConv2d(nn.Module):
         self.dilation = pair(dilation, "dilation", minimum=1)
         self.breadth = positive_int(breadth, "breadth")
         self.routing = choice(routing, "routing", ROUTINGS)
-        self.backend = choice(backend, "backend", ("auto", "reference", "gather", "triton"))
+        self.backend = choice(backend, "backend", SWITCHED_BACKENDS)
         if not 0.0 <= float(selector_dropout) < 1.0:
             raise ValueError(f"selector_dropout must be in [0, 1), got {selector_dropout}")
         self.selector_dropout = float(selector_dropout)

@@ -6,7 +6,9 @@ import functools
 
 import torch
 
-BACKENDS = ("auto", "reference", "gather", "triton")
+#: The backend names each family of ops (and its layers) accepts.
+SWITCHED_BACKENDS = ("auto", "reference", "gather", "triton")
+MIXTURE_BACKENDS = ("auto", "reference", "cpu", "triton")  # cond_conv2d, involution2d
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import conv_output_size, float_input, pair
-from ._backend import check_backend
+from ._backend import SWITCHED_BACKENDS, check_backend
 
 Routing = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 IndexGate = tuple[torch.Tensor, torch.Tensor]
@@ -120,7 +120,7 @@ def switched_conv2d(
     ``backend``: ``'auto'`` (triton on CUDA, else gather, for the ``(index, gate)`` form;
     soft weights always use the reference), ``'reference'``, ``'gather'``, ``'triton'``.
     """
-    check_backend(backend, ("auto", "reference", "gather", "triton"))
+    check_backend(backend, SWITCHED_BACKENDS)
     _check_weight(x, weight, bias)
     check_routing(x, weight, routing, stride, padding, dilation)
     if isinstance(routing, torch.Tensor):
