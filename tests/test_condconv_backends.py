@@ -101,6 +101,7 @@ CASES = {
     "depthwise-k3": (2, 6, 6, (7, 7), 3, 6, 4, 1, 1, 1, {}),
     "depthwise-k5-mult2-stride2-cl": (2, 6, 12, (8, 7), 5, 6, 3, 2, 2, 1, {"channels_last": True}),
     "depthwise-k3-dil2-noncontig": (2, 5, 5, (6, 6), 3, 5, 2, 1, 2, 2, {"noncontig": True}),
+    "depthwise-k5-dil2-stride2-mult3": (3, 4, 12, (11, 9), 5, 4, 3, 2, 3, 2, {}),
     "dense-noncontig-rect": (2, 8, 16, (5, 6), (3), 1, 2, (1, 2), (1, 0), 1, {"noncontig": True}),
     "dense-bf16": (2, 16, 24, (5, 5), 3, 1, 4, 1, 1, 1, {"dtype": torch.bfloat16}),
     "dense-fp16-cl": (2, 16, 16, (5, 6), 3, 2, 3, 1, 1, 1, {"dtype": torch.float16, "channels_last": True}),
@@ -134,6 +135,22 @@ CPU_CASES = [c for c in CASES if CASES[c][-1].get("dtype") != torch.float16]
 def test_cpu_matches_reference(case):
     n, cin, cout, hw, k, groups, e, s, p, d, opts = CASES[case]
     run_case("cpu", n, cin, cout, hw, k, groups, e, s, p, d, **opts)
+
+
+@pytest.mark.parametrize("split", ["one-per-chunk", "uneven"])
+@pytest.mark.parametrize(
+    "case", ["dense", "groups2-dilation2-cl", "depthwise-k5-mult2-stride2-cl", "depthwise-k3-dil2-noncontig", "dense-noncontig-rect"]
+)
+def test_cpu_example_chunks_match_reference(case, split, monkeypatch):
+    """The CPU path runs the batch in chunks of examples; any split gives the reference."""
+    from dynconv.ops import condconv_cpu
+
+    if split == "one-per-chunk":
+        monkeypatch.setattr(condconv_cpu, "CHUNK_BYTES", 1)
+    else:
+        monkeypatch.setattr(condconv_cpu, "_chunks", lambda x, *_: [(0, 2), (2, 3), (3, x.shape[0])])
+    n, cin, cout, hw, k, groups, e, s, p, d, opts = CASES[case]
+    run_case("cpu", 5, cin, cout, hw, k, groups, e, s, p, d, **opts)
 
 
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))])

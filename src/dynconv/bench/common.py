@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import argparse
+import ctypes
 import os
 import platform
+import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -30,6 +33,135 @@ def timed_ms(fn: Callable[[], object], device: torch.device) -> float:
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1e3
+
+
+#: glibc ``mallopt`` parameters (malloc.h) and the values the CPU benchmarks set.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD = 32 * 2**20  # glibc's maximum on 64-bit
+_TRIM_THRESHOLD = 2**31 - 1
+
+
+def add_malloc_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="CPU runs: keep glibc's default malloc thresholds (default: pin them, see docs/performance.md)",
+    )
+
+
+def pin_glibc_malloc(device: torch.device, keep_default: bool) -> str:
+    """For CPU runs, stop glibc from handing freed buffers back to the OS between calls
+    (``mallopt``: mmap threshold 32 MiB, trim threshold 2 GiB); returns what the run used.
+
+    Why: with glibc's defaults (a dynamic mmap threshold, trimming the heap top) every fresh
+    multi-MiB buffer can be page-faulted in anew on each call, and which calls pay depends on
+    the process's allocation history: an NCHW depthwise conv measured 22 ms or 4.5 ms that way
+    on the 2-vCPU VM. Pinned, the times measure the ops; ``--default-malloc`` measures what a
+    process with the defaults sees."""
+    if device.type != "cpu" or keep_default:
+        return "glibc default"
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
+    except (OSError, AttributeError):  # not glibc
+        return "default (no glibc mallopt)"
+    return "pinned (mallopt mmap 32 MiB, trim 2 GiB)" if ok else "default (mallopt refused)"
+
+
+def describe_error(exc: Exception) -> str:
+    """A one-line note for a method that failed (OOM, an unsupported dtype)."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return "OOM"
+    return f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], device: torch.device, reps: int, warmup: int
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Median ms per function, timing them round-robin (one call each per round) so that a
+    noisy machine (a shared CPU) slows all methods alike and the ratios stay meaningful.
+    A function that fails (OOM, unsupported dtype) is dropped and its error returned."""
+    errors: dict[str, str] = {}
+    live = dict(fns)
+    for name, fn in list(live.items()):
+        try:
+            for _ in range(warmup):
+                fn()
+            sync(device)
+        except Exception as exc:  # noqa: BLE001 - reported in the table, the run goes on
+            errors[name] = describe_error(exc)
+            del live[name]
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    times: dict[str, list[float]] = {name: [] for name in live}
+    for _ in range(reps):
+        for name, fn in live.items():
+            times[name].append(timed_ms(fn, device))
+    return {name: statistics.median(v) for name, v in times.items()}, errors
+
+
+def peak_extra_mib(step: Callable[[], object], device: torch.device) -> float | None:
+    """Peak CUDA memory above what is allocated before one call of ``step`` (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+class Measured(NamedTuple):
+    fwd_ms: float | None
+    fwd_bwd_ms: float | None
+    peak_mib: float | None
+    note: str
+
+
+def measure_methods(
+    forwards: dict[str, Callable[[], torch.Tensor]],
+    leaves: dict[str, list[torch.Tensor]],
+    device: torch.device,
+    reps: int,
+    warmup: int,
+    grad: Callable[[torch.Tensor], torch.Tensor] = torch.ones_like,
+) -> dict[str, Measured]:
+    """Forward (no grad) and forward+backward medians of every method, timed interleaved
+    (:func:`interleaved_medians`), and the CUDA peak memory of one forward+backward. Each
+    step clears the leaves' ``.grad`` first, as ``optimizer.zero_grad()`` does."""
+
+    def no_grad(f):
+        def call():
+            with torch.no_grad():
+                return f()
+
+        return call
+
+    def step(method):
+        def call():
+            for t in leaves[method]:
+                t.grad = None
+            y = forwards[method]()
+            y.backward(grad(y))
+
+        return call
+
+    fwd, fwd_err = interleaved_medians({m: no_grad(f) for m, f in forwards.items()}, device, reps, warmup)
+    fb, fb_err = interleaved_medians({m: step(m) for m in forwards if m not in fwd_err}, device, reps, warmup)
+    peaks: dict[str, float | None] = {}
+    for m in forwards:
+        if m in fwd and m in fb:
+            for ts in leaves.values():  # no gradients held from earlier steps in the baseline
+                for t in ts:
+                    t.grad = None
+            try:
+                peaks[m] = peak_extra_mib(step(m), device)
+            except Exception as exc:  # noqa: BLE001
+                fb_err[m] = describe_error(exc)
+    return {
+        m: Measured(fwd.get(m), fb.get(m), peaks.get(m), fwd_err.get(m) or fb_err.get(m, "")) for m in forwards
+    }
 
 
 def environment(device: torch.device) -> dict[str, str]:

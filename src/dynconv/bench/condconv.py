@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .common import environment, sync, timed_ms
+from .common import add_malloc_option, environment, measure_methods, pin_glibc_malloc
 
 # name, N, C, H(=W), k, groups
 SHAPES: list[tuple[str, int, int, int, int, int]] = [
@@ -54,47 +53,6 @@ def grouped_conv_trick(x, weight, bias, routing_weights, stride=1, padding=0, di
     x = x.reshape(1, b * c, h, w)
     y = F.conv2d(x, kernels, bias_n, stride=stride, padding=padding, dilation=dilation, groups=groups * b)
     return y.permute([1, 0, 2, 3]).view(b, out, y.shape[-2], y.shape[-1])
-
-
-def time_ms(fn: Callable[[], object], device: torch.device, reps: int, warmup: int) -> float:
-    """Median wall time of ``fn`` in ms (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    return statistics.median(timed_ms(fn, device) for _ in range(reps))
-
-
-def measure(
-    forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor], device: torch.device, reps: int, warmup: int
-) -> tuple[float | None, float | None, float | None, str]:
-    """(fwd ms, fwd+bwd ms, peak MiB of fwd+bwd on CUDA, note) with OOM/unsupported caught."""
-
-    def step() -> None:
-        for t in leaves:
-            t.grad = None
-        y = forward()
-        y.backward(torch.ones_like(y))
-
-    try:
-        with torch.no_grad():
-            fwd = time_ms(forward, device, reps, warmup)
-        peak = None
-        if device.type == "cuda":
-            for t in leaves:
-                t.grad = None
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            step()
-            sync(device)
-            peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-        fb = time_ms(step, device, reps, warmup)
-        return fwd, fb, peak, ""
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return None, None, None, "OOM"
-    except (RuntimeError, TypeError, ValueError) as exc:  # e.g. a dtype the CPU conv lacks
-        return None, None, None, f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
 
 
 def methods_for(device: torch.device) -> list[str]:
@@ -132,21 +90,22 @@ def run(device: torch.device, dtypes: list[str], quick: bool, channels_last: boo
                 if channels_last:
                     conv = conv.to(memory_format=torch.channels_last)
                 pad = k // 2
+                forwards: dict[str, Callable[[], torch.Tensor]] = {}
                 for method in methods_for(device):
                     if method == "nn.Conv2d":
-                        fn, leaves = (lambda: conv(x)), [x, *conv.parameters()]
+                        forwards[method] = lambda: conv(x)  # noqa: E731
                     elif method == "grouped-trick":
-                        fn = lambda: grouped_conv_trick(x, weight, bias, torch.sigmoid(logits), 1, pad, 1, groups)  # noqa: E731
-                        leaves = [x, weight, bias, logits]
+                        forwards[method] = lambda: grouped_conv_trick(x, weight, bias, torch.sigmoid(logits), 1, pad, 1, groups)  # noqa: E731
                     else:
-                        fn = lambda m=method: cond_conv2d(  # noqa: E731
+                        forwards[method] = lambda m=method: cond_conv2d(  # noqa: E731
                             x, weight, bias, torch.sigmoid(logits), 1, pad, 1, groups, backend=m
                         )
-                        leaves = [x, weight, bias, logits]
-                    fwd, fb, peak, note = measure(fn, leaves, device, reps, warmup)
+                leaves = {m: [x, *conv.parameters()] if m == "nn.Conv2d" else [x, weight, bias, logits] for m in forwards}
+                for method, got in measure_methods(forwards, leaves, device, reps, warmup).items():
+                    note = got.note
                     if method == "reference":
                         note = (note + " same grouped-conv math as grouped-trick (bias added after the conv)").strip()
-                    rows.append(Row(shape_name, e, dname, method, fwd, fb, peak, note))
+                    rows.append(Row(shape_name, e, dname, method, got.fwd_ms, got.fwd_bwd_ms, got.peak_mib, note))
                     print(_fmt_row(rows[-1]), flush=True)
     return rows
 
@@ -185,6 +144,7 @@ def build_parser(prog: str = "python -m dynconv.bench condconv", experts: bool =
     p.add_argument("--quick", action="store_true", help="batch / 16 and 3 repetitions: a smoke run, not a measurement")
     p.add_argument("--no-channels-last", action="store_true", help="NCHW inputs (default: channels_last on cuda)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs (default: torch's)")
+    add_malloc_option(p)
     p.add_argument("--json", default=None, help="also write the rows and environment to this JSON file")
     return p
 
@@ -204,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     experts = tuple(int(v) for v in args.experts.split(","))
     channels_last = device.type == "cuda" and not args.no_channels_last
     env = environment(device)
+    env["malloc"] = pin_glibc_malloc(device, args.default_malloc)
     print(f"# condconv benchmark: {env}, channels_last={channels_last}, quick={args.quick}")
     print("| shape | E | dtype | method | fwd ms | fwd+bwd ms | peak MiB (fwd+bwd) | note |")
     print("|---|---|---|---|---|---|---|---|")

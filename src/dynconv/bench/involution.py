@@ -16,7 +16,8 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-from .condconv import DTYPES, Row, _f, _fmt_row, build_parser, environment, measure
+from .common import measure_methods, pin_glibc_malloc
+from .condconv import DTYPES, Row, _f, _fmt_row, build_parser, environment
 
 # name, N, C, H(=W), K, G
 SHAPES: list[tuple[str, int, int, int, int, int]] = [
@@ -63,15 +64,18 @@ def run(device: torch.device, dtypes: list[str], quick: bool, channels_last: boo
                 x = x.contiguous(memory_format=torch.channels_last)
             x.requires_grad_()
             kernel = (torch.randn(n, g, k * k, hw, hw, generator=gen) / k).to(device, dtype).requires_grad_()
+            forwards = {}
             for method in methods_for(device):
                 if method == "unfold":
-                    fn = lambda: unfold_involution(x, kernel, k, 1, g)  # noqa: E731
+                    forwards[method] = lambda: unfold_involution(x, kernel, k, 1, g)  # noqa: E731
                 else:
-                    fn = lambda m=method: involution2d(x, kernel, k, 1, k // 2, 1, g, backend=m)  # noqa: E731
-                fwd, fb, peak, note = measure(fn, [x, kernel], device, reps, warmup)
+                    forwards[method] = lambda m=method: involution2d(x, kernel, k, 1, k // 2, 1, g, backend=m)  # noqa: E731
+            leaves = {m: [x, kernel] for m in forwards}
+            for method, got in measure_methods(forwards, leaves, device, reps, warmup).items():
+                note = got.note
                 if method == "reference":
                     note = (note + " same unfold math as 'unfold'").strip()
-                rows.append(Row(shape_name, 0, dname, method, fwd, fb, peak, note))
+                rows.append(Row(shape_name, 0, dname, method, got.fwd_ms, got.fwd_bwd_ms, got.peak_mib, note))
                 print(_fmt_row(rows[-1]).replace(f"| {shape_name} | 0 |", f"| {shape_name} |"), flush=True)
     return rows
 
@@ -108,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--dtypes: expected a comma list of {sorted(DTYPES)}, got {d!r}")
     channels_last = device.type == "cuda" and not args.no_channels_last
     env = environment(device)
+    env["malloc"] = pin_glibc_malloc(device, args.default_malloc)
     print(f"# involution benchmark: {env}, channels_last={channels_last}, quick={args.quick}")
     print("| shape | dtype | method | fwd ms | fwd+bwd ms | peak MiB (fwd+bwd) | note |")
     print("|---|---|---|---|---|---|---|")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .common import environment, sync, timed_ms
+from .common import add_malloc_option, environment, measure_methods, pin_glibc_malloc
 
 # name -> (N, C_in, C_out, H=W)
 SHAPES: dict[str, tuple[int, int, int, int]] = {
@@ -61,49 +60,6 @@ class Row:
     fwd_bwd_ratio: float | None = None
     peak_ratio: float | None = None
     note: str = ""
-
-
-def interleaved_medians(
-    fns: dict[str, Callable[[], object]], device: torch.device, reps: int, warmup: int
-) -> tuple[dict[str, float], dict[str, str]]:
-    """Median ms per function, timing them round-robin (one call each per round) so that a
-    noisy machine (a shared CPU) slows all methods alike and the ratios stay meaningful.
-    A function that fails (OOM, unsupported dtype) is dropped and its error returned."""
-    errors: dict[str, str] = {}
-    live = dict(fns)
-    for name, fn in list(live.items()):
-        try:
-            for _ in range(warmup):
-                fn()
-            sync(device)
-        except Exception as exc:  # noqa: BLE001 - reported in the table, the run goes on
-            errors[name] = _describe(exc)
-            del live[name]
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    times: dict[str, list[float]] = {name: [] for name in live}
-    for _ in range(reps):
-        for name, fn in live.items():
-            times[name].append(timed_ms(fn, device))
-    return {name: statistics.median(v) for name, v in times.items()}, errors
-
-
-def _describe(exc: Exception) -> str:
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return "OOM"
-    return f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
-
-
-def peak_extra_mib(step: Callable[[], object], device: torch.device) -> float | None:
-    """Peak CUDA memory above what is allocated before one call of ``step`` (None on CPU)."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    step()
-    sync(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
 def available_methods(device: torch.device) -> list[str]:
@@ -166,41 +122,15 @@ def run(
                         forwards[method] = lambda m=method: switched_conv2d(x, weight, bias, (index, gate), 1, 1, 1, m)
                         leaves[method] = [x, weight, bias, gate]
 
-                def no_grad(f):
-                    def call():
-                        with torch.no_grad():
-                            return f()
-
-                    return call
-
-                def step(method):
-                    def call():
-                        for t in leaves[method]:
-                            t.grad = None
-                        forwards[method]().backward(grad)
-
-                    return call
-
-                fwd, fwd_err = interleaved_medians({m: no_grad(f) for m, f in forwards.items()}, device, reps, warmup)
-                fb, fb_err = interleaved_medians({m: step(m) for m in forwards if m not in fwd_err}, device, reps, warmup)
-                peaks = {}
-                for m in methods:
-                    if m in fwd and m in fb:
-                        for ts in leaves.values():  # no gradients held from earlier steps in the baseline
-                            for t in ts:
-                                t.grad = None
-                        try:
-                            peaks[m] = peak_extra_mib(step(m), device)
-                        except Exception as exc:  # noqa: BLE001
-                            fb_err[m] = _describe(exc)
+                measured = measure_methods(forwards, leaves, device, reps, warmup, grad=lambda y: grad)
                 base = "nn.Conv2d"
                 for m in methods:
-                    row = Row(shape_name, breadth, dtype_name, m, fwd.get(m), fb.get(m), peaks.get(m),
-                              note=fwd_err.get(m) or fb_err.get(m, ""))  # fmt: skip
+                    got = measured[m]
+                    row = Row(shape_name, breadth, dtype_name, m, got.fwd_ms, got.fwd_bwd_ms, got.peak_mib, note=got.note)
                     if m != base:
-                        row.fwd_ratio = _ratio(row.fwd_ms, fwd.get(base))
-                        row.fwd_bwd_ratio = _ratio(row.fwd_bwd_ms, fb.get(base))
-                        row.peak_ratio = _ratio(row.peak_mib, peaks.get(base))
+                        row.fwd_ratio = _ratio(row.fwd_ms, measured[base].fwd_ms)
+                        row.fwd_bwd_ratio = _ratio(row.fwd_bwd_ms, measured[base].fwd_bwd_ms)
+                        row.peak_ratio = _ratio(row.peak_mib, measured[base].peak_mib)
                     rows.append(row)
                     if printer:
                         printer(row)
@@ -273,6 +203,7 @@ def build_parser(prog: str = "python -m dynconv.bench switched") -> argparse.Arg
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement (default 20 cuda, 7 cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs (default: unchanged)")
     p.add_argument("--quick", action="store_true", help="batch / 16, breadths 1,8, 2 repetitions: a smoke run")
+    add_malloc_option(p)
     p.add_argument("--json", default=None, help="also write the environment and rows to this JSON file")
     return p
 
@@ -300,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or (2 if args.quick else (20 if is_cuda else 7))
     warmup = 2 if args.quick else 3
     env = environment(device)
+    env["malloc"] = pin_glibc_malloc(device, args.default_malloc)
     print(f"# switched conv benchmark (3x3, pad 1): {env}")
     print(f"# channels_last={channels_last} reps={reps} quick={args.quick}; ratios are to nn.Conv2d in this run")
     if not is_cuda:

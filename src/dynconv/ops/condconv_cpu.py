@@ -1,18 +1,29 @@
-"""CPU path for ``cond_conv2d``: one grouped convolution over the folded batch, explicit backward.
+"""CPU path for ``cond_conv2d``: grouped convolutions over chunks of examples, explicit backward.
 
-Why: on CPU, oneDNN's grouped convolution over the folded batch turned out to be the
-fastest formulation we measured (a per-example loop of dense convs, chunked
-unfold + batched GEMM and a tap-wise batched GEMM were all slower on the benchmark
-shapes, see docs/performance.md), so the forward keeps that math. What this path adds
-over the autograd-driven grouped-conv trick is an explicit backward: one
-``aten.convolution_backward`` call with an output mask (gradients nobody asked for,
-e.g. frozen experts or a first layer's input, are not computed), the experts' and
-routing weights' gradients as two matmuls on each example's kernel gradient, the bias
-folded into the conv, outputs in the input's memory format, and a single graph node for
-``torch.compile``.
+Why: the grouped-conv trick (timm) mixes every example's kernel at once and runs one
+grouped conv over the folded batch. On CPU, oneDNN runs that conv about as fast as a dense
+one, so the math stays; what changes:
+
+- the batch goes in chunks of examples (:data:`CHUNK_BYTES` of mixed kernels, input and
+  output), so a dense layer does not write ``N`` kernels at once (N256 C128 k3: 151 MB)
+  and every buffer is cache-sized. With glibc's default allocator, whose page faults on
+  large fresh buffers otherwise dominate, this measured 1.2-1.4x faster than the trick on
+  the dense benchmark shapes; with the allocator pinned (no page faults) it is at parity
+  (docs/performance.md);
+- depthwise kernels larger than 3x3 take their gradient from a correlation of the input
+  with the output gradient, run as a depthwise conv: oneDNN's depthwise weight gradient
+  measured 10-13x slower at 5x5 and 7x7 (N128 C256 14x14: 70 ms against 7 ms);
+- backward, per chunk: one ``aten.convolution_backward`` with an output mask (gradients
+  nobody asked for, e.g. frozen experts or a first layer's input, are not computed), then
+  the chunk's kernel gradients turn into the experts' gradient (accumulated in chunk order:
+  deterministic) and the routing weights' gradient with two matmuls. The bias is folded
+  into the conv; outputs keep the input's memory format; one graph node for
+  ``torch.compile``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +32,10 @@ from .._checks import conv_output_size
 
 _aten = torch.ops.aten
 Pair = tuple[int, int]
+
+#: Target size of one chunk's mixed kernels + input + output (bytes). At least one example
+#: per chunk; 8 MiB measured best or near it on every benchmark shape (4-32 MiB tried).
+CHUNK_BYTES = 8 * 2**20
 
 
 def _mix(weight: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
@@ -33,6 +48,48 @@ def _channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
+def _output_hw(x: torch.Tensor, weight: torch.Tensor, stride: Pair, padding: Pair, dilation: Pair) -> tuple[int, int]:
+    ho = conv_output_size(x.shape[2], weight.shape[3], stride[0], padding[0], dilation[0])
+    wo = conv_output_size(x.shape[3], weight.shape[4], stride[1], padding[1], dilation[1])
+    return ho, wo
+
+
+def _chunks(x: torch.Tensor, weight: torch.Tensor, out_hw: tuple[int, int]) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` over the batch, each chunk about ``CHUNK_BYTES``."""
+    n = x.shape[0]
+    per_example = (weight[0].numel() + math.prod(x.shape[1:]) + weight.shape[1] * out_hw[0] * out_hw[1]) * x.element_size()
+    size = max(1, min(n, CHUNK_BYTES // max(1, per_example)))
+    return [(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+def _fold(t: torch.Tensor) -> torch.Tensor:
+    """``(n, C, H, W)`` -> ``(1, n*C, H, W)``: the batch as conv groups (a view when NCHW-contiguous)."""
+    return t.reshape(1, -1, *t.shape[2:])
+
+
+def _depthwise(weight: torch.Tensor) -> bool:
+    """One input channel per group (depthwise, any channel multiplier)."""
+    return weight.shape[2] == 1
+
+
+#: Depthwise kernels up to this many taps take their gradient from oneDNN's conv backward
+#: (at 3x3 both ways cost the same); larger ones from the correlation conv.
+BACKWARD_WEIGHT_MAX_TAPS = 9
+
+
+def _depthwise_kernel_grad(
+    x_f: torch.Tensor, grad: torch.Tensor, kernel_hw: tuple[int, int], stride: Pair, padding: Pair, dilation: Pair,
+    groups: int,
+) -> torch.Tensor:
+    """``d loss / d kernels`` of a depthwise conv as a correlation: a depthwise conv of the
+    folded input with each channel's output gradient as its kernel; strides and dilations
+    swap roles. Returns ``(n*out, 1, kH, kW)``."""
+    n, out, ho, wo = grad.shape
+    g_as_kernel = grad.reshape(n * out, 1, ho, wo)
+    corr = F.conv2d(x_f, g_as_kernel, None, dilation, padding, stride, groups)  # (1, n*out, >=kH, >=kW)
+    return corr[0, :, : kernel_hw[0], : kernel_hw[1]].reshape(n * out, 1, *kernel_hw)
+
+
 def cond_conv2d_cpu_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, routing: torch.Tensor,
     stride: Pair, padding: Pair, dilation: Pair, groups: int,
@@ -40,16 +97,15 @@ def cond_conv2d_cpu_forward(
     """Forward pass; geometry arguments are int pairs."""
     n = x.shape[0]
     out = weight.shape[1]
-    if n == 0:  # a grouped conv with 0 groups is an error: return the empty output directly
-        ho = conv_output_size(x.shape[2], weight.shape[3], stride[0], padding[0], dilation[0])
-        wo = conv_output_size(x.shape[3], weight.shape[4], stride[1], padding[1], dilation[1])
-        return x.new_empty((0, out, ho, wo))
-    kernels = _mix(weight, routing).reshape(n * out, *weight.shape[2:])
-    bias_n = (routing.to(bias.dtype) @ bias).reshape(-1) if bias is not None else None
-    y = F.conv2d(x.reshape(1, -1, *x.shape[2:]), kernels, bias_n, stride, padding, dilation, groups * n)
-    y = y.view(n, out, *y.shape[2:])
-    if _channels_last(x):
-        y = y.contiguous(memory_format=torch.channels_last)
+    ho, wo = _output_hw(x, weight, stride, padding, dilation)
+    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    y = torch.empty((n, out, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
+    bias_n = (routing.to(bias.dtype) @ bias) if bias is not None else None  # (N, out)
+    for s, e in _chunks(x, weight, (ho, wo)):
+        kernels = _mix(weight, routing[s:e]).reshape((e - s) * out, *weight.shape[2:])
+        b = bias_n[s:e].reshape(-1) if bias_n is not None else None
+        y_c = F.conv2d(_fold(x[s:e]), kernels, b, stride, padding, dilation, groups * (e - s))
+        y[s:e] = y_c.reshape(e - s, out, ho, wo)
     return y
 
 
@@ -59,7 +115,7 @@ def cond_conv2d_cpu_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(grad_x, grad_weight, grad_bias, grad_routing)``; skipped ones are empty tensors."""
     n = x.shape[0]
-    e, out = weight.shape[:2]
+    e_count, out = weight.shape[:2]
     grad = grad.to(x.dtype)
     empty = x.new_empty(0)
     if not (need_input or need_params):
@@ -71,24 +127,37 @@ def cond_conv2d_cpu_backward(
             torch.zeros_like(bias) if (need_params and bias is not None) else empty,
             torch.zeros_like(routing) if need_params else empty,
         )
-    kernels = _mix(weight, routing).reshape(n * out, *weight.shape[2:])
-    gx, gk, _ = _aten.convolution_backward(
-        grad.reshape(1, -1, *grad.shape[2:]), x.reshape(1, -1, *x.shape[2:]), kernels, None,
-        list(stride), list(padding), list(dilation), False, [0, 0], groups * n, [need_input, need_params, False],
-    )
-    grad_x = empty
-    if need_input:
-        grad_x = gx.view(x.shape)
-        if _channels_last(x):
-            grad_x = grad_x.contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt) if need_input else empty
+    w_flat = weight.reshape(e_count, -1)
+    if need_params:
+        grad_w = torch.zeros(w_flat.shape, dtype=x.dtype, device=x.device)
+        grad_r = torch.empty((n, e_count), dtype=x.dtype, device=x.device)
+        w_cd = w_flat.to(x.dtype)
+    kernel_hw = tuple(weight.shape[3:])
+    correlate = _depthwise(weight) and kernel_hw[0] * kernel_hw[1] > BACKWARD_WEIGHT_MAX_TAPS
+    for s, e in _chunks(x, weight, tuple(grad.shape[2:])):
+        kernels = _mix(weight, routing[s:e]).reshape((e - s) * out, *weight.shape[2:])
+        x_f = _fold(x[s:e])
+        gx = gk = None
+        if need_input or (need_params and not correlate):
+            gx, gk, _ = _aten.convolution_backward(
+                _fold(grad[s:e]), x_f, kernels, None, list(stride), list(padding), list(dilation), False, [0, 0],
+                groups * (e - s), [need_input, need_params and not correlate, False],
+            )
+        if need_params and correlate:
+            gk = _depthwise_kernel_grad(x_f, grad[s:e], kernel_hw, stride, padding, dilation, groups * (e - s))
+        if need_input:
+            grad_x[s:e] = gx.reshape(e - s, *x.shape[1:])
+        if need_params:
+            gk = gk.reshape(e - s, -1)
+            grad_w.addmm_(routing[s:e].to(gk.dtype).t(), gk)  # chunk order: deterministic
+            torch.mm(gk, w_cd.t(), out=grad_r[s:e])
     if not need_params:
         return grad_x, empty, empty, empty
-    grad_k = gk.reshape(n, -1)
-    grad_w = (routing.to(grad_k.dtype).t() @ grad_k).view(weight.shape).to(weight.dtype)
-    grad_r = grad_k @ weight.reshape(e, -1).to(grad_k.dtype).t()
     grad_b = empty
     if bias is not None:
         db = grad.sum(dim=(2, 3))
         grad_b = (routing.to(db.dtype).t() @ db).to(bias.dtype)
-        grad_r = grad_r + db @ bias.to(db.dtype).t()
-    return grad_x, grad_w, grad_b, grad_r.to(routing.dtype)
+        grad_r += db @ bias.to(db.dtype).t()
+    return grad_x, grad_w.view(weight.shape).to(weight.dtype), grad_b, grad_r.to(routing.dtype)
