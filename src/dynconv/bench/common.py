@@ -37,7 +37,7 @@ def timed_ms(fn: Callable[[], object], device: torch.device) -> float:
 
 #: glibc ``mallopt`` parameters (malloc.h) and the values the CPU benchmarks set.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MMAP_THRESHOLD = 32 * 2**20  # glibc's maximum on 64-bit
+_MMAP_THRESHOLDS = (2**30, 32 * 2**20)  # older glibc refuses more than 32 MiB
 _TRIM_THRESHOLD = 2**31 - 1
 
 
@@ -51,7 +51,8 @@ def add_malloc_option(parser: argparse.ArgumentParser) -> None:
 
 def pin_glibc_malloc(device: torch.device, keep_default: bool) -> str:
     """For CPU runs, stop glibc from handing freed buffers back to the OS between calls
-    (``mallopt``: mmap threshold 32 MiB, trim threshold 2 GiB); returns what the run used.
+    (``mallopt``: mmap threshold 1 GiB, or 32 MiB where glibc refuses that, trim threshold
+    2 GiB); returns what the run used.
 
     Why: with glibc's defaults (a dynamic mmap threshold, trimming the heap top) every fresh
     multi-MiB buffer can be page-faulted in anew on each call, and which calls pay depends on
@@ -62,10 +63,13 @@ def pin_glibc_malloc(device: torch.device, keep_default: bool) -> str:
         return "glibc default"
     try:
         libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
+        mmap = next((t for t in _MMAP_THRESHOLDS if libc.mallopt(_M_MMAP_THRESHOLD, t) == 1), None)
+        trim = libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
     except (OSError, AttributeError):  # not glibc
         return "default (no glibc mallopt)"
-    return "pinned (mallopt mmap 32 MiB, trim 2 GiB)" if ok else "default (mallopt refused)"
+    if mmap is None or not trim:
+        return "default (mallopt refused)"
+    return f"pinned (mallopt mmap threshold {mmap >> 20} MiB, trim threshold 2 GiB)"
 
 
 def describe_error(exc: Exception) -> str:

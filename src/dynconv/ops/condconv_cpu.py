@@ -6,10 +6,10 @@ one, so the math stays; what changes:
 
 - the batch goes in chunks of examples (:data:`CHUNK_BYTES` of mixed kernels, input and
   output), so a dense layer does not write ``N`` kernels at once (N256 C128 k3: 151 MB)
-  and every buffer is cache-sized. With glibc's default allocator, whose page faults on
-  large fresh buffers otherwise dominate, this measured 1.2-1.4x faster than the trick on
-  the dense benchmark shapes; with the allocator pinned (no page faults) it is at parity
-  (docs/performance.md);
+  and every buffer is cache-sized. With glibc's default malloc, whose page faults on large
+  fresh buffers otherwise dominate, this measured 1.2-1.5x faster than the trick on the
+  benchmark shapes; with malloc's thresholds pinned (no page faults) the chunks cost
+  0-7% instead (docs/performance.md);
 - depthwise kernels larger than 3x3 take their gradient from a correlation of the input
   with the output gradient, run as a depthwise conv: oneDNN's depthwise weight gradient
   measured 10-13x slower at 5x5 and 7x7 (N128 C256 14x14: 70 ms against 7 ms);
@@ -33,9 +33,12 @@ from .._checks import conv_output_size
 _aten = torch.ops.aten
 Pair = tuple[int, int]
 
-#: Target size of one chunk's mixed kernels + input + output (bytes). At least one example
-#: per chunk; 8 MiB measured best or near it on every benchmark shape (4-32 MiB tried).
+#: Target size of one chunk's mixed kernels + input + output (bytes); at least one example
+#: per chunk. 8 MiB measured best or near it on the dense benchmark shapes (1-32 MiB tried).
 CHUNK_BYTES = 8 * 2**20
+#: The same for depthwise layers, whose per-example kernels are tiny: chunks only bound the
+#: activations there, and the per-call overhead of small chunks showed (4x fewer calls).
+DEPTHWISE_CHUNK_BYTES = 32 * 2**20
 
 
 def _mix(weight: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
@@ -58,7 +61,8 @@ def _chunks(x: torch.Tensor, weight: torch.Tensor, out_hw: tuple[int, int]) -> l
     """``[(start, end), ...]`` over the batch, each chunk about ``CHUNK_BYTES``."""
     n = x.shape[0]
     per_example = (weight[0].numel() + math.prod(x.shape[1:]) + weight.shape[1] * out_hw[0] * out_hw[1]) * x.element_size()
-    size = max(1, min(n, CHUNK_BYTES // max(1, per_example)))
+    budget = DEPTHWISE_CHUNK_BYTES if _depthwise(weight) else CHUNK_BYTES
+    size = max(1, min(n, budget // max(1, per_example)))
     return [(s, min(n, s + size)) for s in range(0, n, size)]
 
 
@@ -99,13 +103,16 @@ def cond_conv2d_cpu_forward(
     out = weight.shape[1]
     ho, wo = _output_hw(x, weight, stride, padding, dilation)
     fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
-    y = torch.empty((n, out, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
     bias_n = (routing.to(bias.dtype) @ bias) if bias is not None else None  # (N, out)
-    for s, e in _chunks(x, weight, (ho, wo)):
+    chunks = _chunks(x, weight, (ho, wo))
+    y = None if len(chunks) == 1 else torch.empty((n, out, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
+    for s, e in chunks:
         kernels = _mix(weight, routing[s:e]).reshape((e - s) * out, *weight.shape[2:])
         b = bias_n[s:e].reshape(-1) if bias_n is not None else None
         y_c = F.conv2d(_fold(x[s:e]), kernels, b, stride, padding, dilation, groups * (e - s))
-        y[s:e] = y_c.reshape(e - s, out, ho, wo)
+        if y is None:  # one chunk: the conv's output is the result
+            return y_c.reshape(n, out, ho, wo).contiguous(memory_format=fmt)
+        y[s:e] = y_c.view(e - s, out, ho, wo)
     return y
 
 
@@ -128,26 +135,37 @@ def cond_conv2d_cpu_backward(
             torch.zeros_like(routing) if need_params else empty,
         )
     fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
-    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt) if need_input else empty
+    chunks = _chunks(x, weight, tuple(grad.shape[2:]))
+    grad_x = empty
+    if need_input and len(chunks) > 1:
+        grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     w_flat = weight.reshape(e_count, -1)
     if need_params:
         grad_w = torch.zeros(w_flat.shape, dtype=x.dtype, device=x.device)
         grad_r = torch.empty((n, e_count), dtype=x.dtype, device=x.device)
         w_cd = w_flat.to(x.dtype)
+        db = torch.empty((n, out), dtype=x.dtype, device=x.device) if bias is not None else None
     kernel_hw = tuple(weight.shape[3:])
     correlate = _depthwise(weight) and kernel_hw[0] * kernel_hw[1] > BACKWARD_WEIGHT_MAX_TAPS
-    for s, e in _chunks(x, weight, tuple(grad.shape[2:])):
+    for s, e in chunks:
         kernels = _mix(weight, routing[s:e]).reshape((e - s) * out, *weight.shape[2:])
         x_f = _fold(x[s:e])
-        gx = gk = None
+        gx = gk = gb = None
         if need_input or (need_params and not correlate):
-            gx, gk, _ = _aten.convolution_backward(
-                _fold(grad[s:e]), x_f, kernels, None, list(stride), list(padding), list(dilation), False, [0, 0],
-                groups * (e - s), [need_input, need_params and not correlate, False],
+            # the bias gradient comes along with oneDNN's weight gradient; alone, it would
+            # cost a weight gradient, so with the correlation it is a sum instead
+            bias_grad = need_params and bias is not None and not correlate
+            gx, gk, gb = _aten.convolution_backward(
+                _fold(grad[s:e]), x_f, kernels, [(e - s) * out] if bias_grad else None, list(stride), list(padding),
+                list(dilation), False, [0, 0], groups * (e - s), [need_input, need_params and not correlate, bias_grad],
             )
+        if need_params and bias is not None:  # per-example bias gradients (N, out)
+            db[s:e] = gb.view(e - s, out) if gb is not None else grad[s:e].sum(dim=(2, 3))
         if need_params and correlate:
             gk = _depthwise_kernel_grad(x_f, grad[s:e], kernel_hw, stride, padding, dilation, groups * (e - s))
-        if need_input:
+        if need_input and len(chunks) == 1:  # one chunk: the conv's gradient is the result
+            grad_x = gx.reshape(x.shape).contiguous(memory_format=fmt)
+        elif need_input:
             grad_x[s:e] = gx.reshape(e - s, *x.shape[1:])
         if need_params:
             gk = gk.reshape(e - s, -1)
@@ -157,7 +175,6 @@ def cond_conv2d_cpu_backward(
         return grad_x, empty, empty, empty
     grad_b = empty
     if bias is not None:
-        db = grad.sum(dim=(2, 3))
         grad_b = (routing.to(db.dtype).t() @ db).to(bias.dtype)
         grad_r += db @ bias.to(db.dtype).t()
     return grad_x, grad_w.view(weight.shape).to(weight.dtype), grad_b, grad_r.to(routing.dtype)
