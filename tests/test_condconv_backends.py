@@ -211,11 +211,12 @@ def test_triton_errors_name_the_argument():
 
 
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))])
-def test_empty_batch(backend):
+@pytest.mark.parametrize("groups", [1, 8])
+def test_empty_batch(backend, groups):
     x = torch.randn(0, 8, 5, 5, device=DEVICE, requires_grad=True)
-    w = torch.randn(2, 8, 8, 3, 3, device=DEVICE, requires_grad=True)
+    w = torch.randn(2, 8, 8 // groups, 3, 3, device=DEVICE, requires_grad=True)
     r = torch.rand(0, 2, device=DEVICE, requires_grad=True)
-    y = cond_conv2d(x, w, None, r, 1, 1, backend=backend)
+    y = cond_conv2d(x, w, None, r, 1, 1, groups=groups, backend=backend)
     assert y.shape == (0, 8, 5, 5)
     y.sum().backward()
     assert w.grad is not None and not w.grad.any()

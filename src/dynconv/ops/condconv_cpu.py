@@ -29,16 +29,16 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import conv_output_size
+from ._custom_ops import not_a_view
 
 _aten = torch.ops.aten
 Pair = tuple[int, int]
 
 #: Target size of one chunk's mixed kernels + input + output (bytes); at least one example
 #: per chunk. 8 MiB measured best or near it on the dense benchmark shapes (1-32 MiB tried).
+#: Depthwise layers run the whole batch at once: their mixed kernels are tiny, and the copy
+#: of each chunk's output into the result measured costlier than what chunks saved.
 CHUNK_BYTES = 8 * 2**20
-#: The same for depthwise layers, whose per-example kernels are tiny: chunks only bound the
-#: activations there, and the per-call overhead of small chunks showed (4x fewer calls).
-DEPTHWISE_CHUNK_BYTES = 32 * 2**20
 
 
 def _mix(weight: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
@@ -58,11 +58,10 @@ def _output_hw(x: torch.Tensor, weight: torch.Tensor, stride: Pair, padding: Pai
 
 
 def _chunks(x: torch.Tensor, weight: torch.Tensor, out_hw: tuple[int, int]) -> list[tuple[int, int]]:
-    """``[(start, end), ...]`` over the batch, each chunk about ``CHUNK_BYTES``."""
+    """``[(start, end), ...]`` over the batch: chunks of about ``CHUNK_BYTES``, one for depthwise."""
     n = x.shape[0]
     per_example = (weight[0].numel() + math.prod(x.shape[1:]) + weight.shape[1] * out_hw[0] * out_hw[1]) * x.element_size()
-    budget = DEPTHWISE_CHUNK_BYTES if _depthwise(weight) else CHUNK_BYTES
-    size = max(1, min(n, budget // max(1, per_example)))
+    size = max(1, n if _depthwise(weight) else min(n, CHUNK_BYTES // max(1, per_example)))
     return [(s, min(n, s + size)) for s in range(0, n, size)]
 
 
@@ -111,7 +110,7 @@ def cond_conv2d_cpu_forward(
         b = bias_n[s:e].reshape(-1) if bias_n is not None else None
         y_c = F.conv2d(_fold(x[s:e]), kernels, b, stride, padding, dilation, groups * (e - s))
         if y is None:  # one chunk: the conv's output is the result
-            return y_c.reshape(n, out, ho, wo).contiguous(memory_format=fmt)
+            return not_a_view(y_c.reshape(n, out, ho, wo).contiguous(memory_format=fmt))
         y[s:e] = y_c.view(e - s, out, ho, wo)
     return y
 
@@ -164,7 +163,7 @@ def cond_conv2d_cpu_backward(
         if need_params and correlate:
             gk = _depthwise_kernel_grad(x_f, grad[s:e], kernel_hw, stride, padding, dilation, groups * (e - s))
         if need_input and len(chunks) == 1:  # one chunk: the conv's gradient is the result
-            grad_x = gx.reshape(x.shape).contiguous(memory_format=fmt)
+            grad_x = not_a_view(gx.reshape(x.shape).contiguous(memory_format=fmt))
         elif need_input:
             grad_x[s:e] = gx.reshape(e - s, *x.shape[1:])
         if need_params:

@@ -53,7 +53,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from ._custom_ops import call_switched_op, define_switched_op, memory_format_of, output_dtype
+from ._custom_ops import call_switched_op, define_switched_op, memory_format_of, not_a_view, output_dtype
 from .switched import HARD_BACKENDS
 
 #: Debug/test switch: fill outputs with NaN before writing them, so that unwritten elements show.
@@ -535,7 +535,7 @@ def _gate_grad_from_dot(
         hw = g_flat.shape[2]
         g_rows = g_flat[direct // hw, :, direct % hw]  # (m, out)
         grad_gate.index_copy_(0, direct, (g_rows * pre).sum(-1))
-    return grad_gate.to(gate.dtype).view(gate.shape)
+    return not_a_view(grad_gate.to(gate.dtype).view(gate.shape))
 
 
 def _fold_tapwise(gx_rows: torch.Tensor, pm: torch.Tensor, base: torch.Tensor, taps: torch.Tensor) -> None:
