@@ -197,8 +197,11 @@ def _plan(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, stride, pa
         lo, hi = (int(v) for v in torch.aminmax(flat))
         if lo < 0 or hi >= breadth:
             raise IndexError(f"routing index must lie in [0, {breadth}) (breadth), got values in [{lo}, {hi}]")
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=breadth).tolist()  # host sync: the layout
+    # a narrow key sorts faster (radix passes per byte): uint8 is ~5x quicker than int64
+    key = flat.to(torch.uint8 if breadth <= 256 else torch.int16 if breadth <= 2**15 else torch.int64)
+    order = torch.argsort(key, stable=True)
+    count_t = torch.bincount(flat, minlength=breadth)
+    counts = count_t.tolist()  # host sync: the layout
     k = kh * kw * c
     max_rows = max(1, PATCH_BYTES // max(1, k * torch.empty((), dtype=dtype).element_size()))
     chunks, first, slots = _layout(counts, max_rows)
@@ -206,15 +209,16 @@ def _plan(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, stride, pa
     for e in range(1, breadth):
         run_start[e] = run_start[e - 1] + counts[e - 1]
     shift = torch.tensor([f - r for f, r in zip(first, run_start)], dtype=torch.int64, device=device)
-    slot_of_row = torch.arange(total, device=device) + shift[flat[order]]
-    pixel_slot = torch.empty_like(order)
-    pixel_slot[order] = slot_of_row
-    slot_pixel = torch.full((slots,), total, dtype=torch.int64, device=device)
-    slot_pixel[slot_of_row] = order
-    per_image = h_out * w_out
-    pix = torch.arange(total + 1, device=device)
-    img, rem = pix // per_image, pix % per_image
-    base_pixel = img * (hp * wp) + (rem // w_out) * (stride[0] * wp) + (rem % w_out) * stride[1]
+    # sorted row -> slot; the sorted rows of expert e are a run of counts[e]
+    slot_of_row = torch.arange(total, device=device).add_(shift.repeat_interleave(count_t, output_size=total))
+    pixel_slot = torch.empty_like(order).index_copy_(0, order, slot_of_row)
+    slot_pixel = torch.full((slots,), total, dtype=torch.int64, device=device).index_copy_(0, slot_of_row, order)
+    base_pixel = torch.empty(total + 1, dtype=torch.int64, device=device)
+    torch.add(  # (n, h_out, w_out) by broadcasting: cheaper than divisions of a pixel id
+        torch.arange(n, device=device).view(n, 1, 1) * (hp * wp) + torch.arange(h_out, device=device).view(1, h_out, 1) * (stride[0] * wp),
+        torch.arange(w_out, device=device).view(1, 1, w_out) * stride[1],
+        out=base_pixel[:total].view(n, h_out, w_out),
+    )
     base_pixel[total] = n * hp * wp  # the first zero tail row: an all-zero patch
     return _Plan(
         n, c, h, w, kh, kw, h_out, w_out, hp, wp, tuple(padding), tuple(dilation), slots, slot_pixel, pixel_slot,
