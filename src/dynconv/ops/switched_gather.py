@@ -27,19 +27,21 @@ at most :data:`PATCH_BYTES` of patches (16 MiB: the chunk stays cache-resident b
 gather, matmuls and fold, which measured faster than one big buffer, and it bounds the
 scratch); an expert larger than a chunk is split over several.
 
-Backward, per chunk: one patch gather serves ``grad_W_e^T = (gate*g)_e^T P_e``, the gate
-gradient ``<g, P_e W_e + b>`` (the pre-gate output recomputed by a matmul into a
-``(rows, out)`` buffer: cheaper than a row-wise dot over a ``K``-wide patch gradient) and
-then, overwriting the patches, the patch gradient ``(gate*g)_e W_e``, which one
-``scatter_add_`` over all taps folds into the padded input gradient (CPU: parallel over
-channels, every target summed in row order, so deterministic).
+Backward, per chunk: one patch gather serves ``grad_W_e^T = (gate*g)_e^T P_e``, then the
+patch gradient ``(gate*g)_e W_e`` (into its own buffer), which one ``scatter_add_`` over
+all taps folds into the padded input gradient (CPU: parallel over channels, every target
+summed in row order, so deterministic), and the gate gradient: ``<g, P_e W_e^T + b> =
+<(gate*g)_e W_e, P_e> / gate + <g, b>``, a row dot of the patch gradient with the patches
+instead of a fourth matmul (pixels with a zero, tiny or non-finite gate are recomputed
+directly, see :func:`_gate_grad_from_dot`).
 
 Memory: on CPU the scratch buffers are kept between calls (``REUSE_BUFFERS``; the forward
 and the backward share them by name, a call never returns them); for N8 C64 64x64 3x3 fp32
-they total about 65 MiB: the 16 MiB patch chunk, four ``(slots, out)`` buffers (slots =
-pixels plus at most ~1/8 padding: <= 9 MiB each) and two padded NHWC input-sized ones
-(8.6 MiB each), plus two ``breadth`` x weight-size buffers (the reordered weights and their
-gradient: 1.2 MiB each at breadth 8, 9.4 MiB at 64). Autograd (through
+they total about 75 MiB: the 16 MiB patch chunk and the backward's 16 MiB patch-gradient
+chunk, two or three ``(slots, out)`` buffers (slots = pixels plus at most ~1/8 padding:
+<= 9 MiB each) and two padded NHWC input-sized ones (8.6 MiB each), plus two ``breadth`` x
+weight-size buffers (the reordered weights and their gradient: 1.2 MiB each at breadth 8,
+9.4 MiB at 64). Autograd (through
 :mod:`._custom_ops`) saves only the inputs and the routing; the backward re-sorts and
 re-gathers. fp16/bf16 inputs are
 computed in fp32 (CPU half-precision matmuls are slow) and rounded once at the end.
