@@ -59,7 +59,9 @@ def pin_glibc_malloc(device: torch.device, keep_default: bool) -> str:
     the process's allocation history: an NCHW depthwise conv measured 22 ms or 4.5 ms that way
     on the 2-vCPU VM. Pinned, the times measure the ops; ``--default-malloc`` measures what a
     process with the defaults sees."""
-    if device.type != "cpu" or keep_default:
+    if device.type != "cpu":
+        return "default (not a CPU run)"
+    if keep_default:
         return "glibc default"
     try:
         libc = ctypes.CDLL("libc.so.6")

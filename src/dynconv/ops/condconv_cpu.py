@@ -1,15 +1,16 @@
 """CPU path for ``cond_conv2d``: grouped convolutions over chunks of examples, explicit backward.
 
 Why: the grouped-conv trick (timm) mixes every example's kernel at once and runs one
-grouped conv over the folded batch. On CPU, oneDNN runs that conv about as fast as a dense
-one, so the math stays; what changes:
+grouped conv over the folded batch. On CPU, oneDNN runs that conv within 1.1-1.5x of a
+dense one, and no other formulation we tried was faster (docs/performance.md), so the math
+stays; what changes:
 
 - the batch goes in chunks of examples (:data:`CHUNK_BYTES` of mixed kernels, input and
   output), so a dense layer does not write ``N`` kernels at once (N256 C128 k3: 151 MB)
   and every buffer is cache-sized. With glibc's default malloc, whose page faults on large
-  fresh buffers otherwise dominate, this measured 1.2-1.5x faster than the trick on the
-  benchmark shapes; with malloc's thresholds pinned (no page faults) the chunks cost
-  0-7% instead (docs/performance.md);
+  fresh buffers otherwise dominate, this measured 1.2-1.3x faster than the trick on the
+  dense benchmark shapes; with malloc's thresholds pinned (no page faults) the chunks
+  cost 2-7% instead;
 - depthwise kernels larger than 3x3 take their gradient from a correlation of the input
   with the output gradient, run as a depthwise conv: oneDNN's depthwise weight gradient
   measured 10-13x slower at 5x5 and 7x7 (N128 C256 14x14: 70 ms against 7 ms);
