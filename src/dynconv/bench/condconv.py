@@ -149,11 +149,10 @@ def build_parser(prog: str = "python -m dynconv.bench condconv", experts: bool =
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point for ``python -m dynconv.bench condconv``."""
-    import dynconv.ops._custom_ops_cond_inv  # noqa: F401  (registers the fast backends)
-
-    args = build_parser().parse_args(argv)
+def prepare(args: argparse.Namespace) -> tuple[torch.device, list[str], bool, dict[str, str]]:
+    """What the condconv and involution benchmarks set up alike from their parsed options:
+    threads, the device, the dtypes (checked), channels_last, and the environment record
+    (malloc pinned on CPU unless ``--default-malloc``)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -161,19 +160,34 @@ def main(argv: list[str] | None = None) -> None:
     for d in dtypes:
         if d not in DTYPES:
             raise SystemExit(f"--dtypes: expected a comma list of {sorted(DTYPES)}, got {d!r}")
-    experts = tuple(int(v) for v in args.experts.split(","))
     channels_last = device.type == "cuda" and not args.no_channels_last
     env = environment(device)
     env["malloc"] = pin_glibc_malloc(device, args.default_malloc)
+    return device, dtypes, channels_last, env
+
+
+def report(args: argparse.Namespace, env: dict[str, str], channels_last: bool, rows: list[Row], summary_lines: list[str]) -> None:
+    """Print the target summary and write ``--json`` (environment, settings and rows)."""
+    print()
+    print("\n".join(summary_lines))
+    if args.json:
+        payload = {"env": env, "channels_last": channels_last, "quick": args.quick, "rows": [asdict(r) for r in rows]}
+        with open(args.json, "w") as fh:
+            json.dump(payload, fh, indent=1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point for ``python -m dynconv.bench condconv``."""
+    import dynconv.ops._custom_ops_cond_inv  # noqa: F401  (registers the fast backends)
+
+    args = build_parser().parse_args(argv)
+    device, dtypes, channels_last, env = prepare(args)
+    experts = tuple(int(v) for v in args.experts.split(","))
     print(f"# condconv benchmark: {env}, channels_last={channels_last}, quick={args.quick}")
     print("| shape | E | dtype | method | fwd ms | fwd+bwd ms | peak MiB (fwd+bwd) | note |")
     print("|---|---|---|---|---|---|---|---|")
     rows = run(device, dtypes, args.quick, channels_last, experts)
-    print()
-    print("\n".join(summary(rows)))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"env": env, "channels_last": channels_last, "quick": args.quick, "rows": [asdict(r) for r in rows]}, fh, indent=1)
+    report(args, env, channels_last, rows, summary(rows))
 
 
 if __name__ == "__main__":

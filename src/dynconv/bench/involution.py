@@ -10,14 +10,12 @@ Run directly too: ``python -m dynconv.bench.involution --help``.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
 
-from .common import measure_methods, pin_glibc_malloc
-from .condconv import DTYPES, Row, _f, _fmt_row, build_parser, environment
+from .common import measure_methods
+from .condconv import DTYPES, Row, _f, _fmt_row, build_parser, prepare, report
 
 # name, N, C, H(=W), K, G
 SHAPES: list[tuple[str, int, int, int, int, int]] = [
@@ -103,25 +101,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser("python -m dynconv.bench involution", experts=False)
     parser.description = __doc__.splitlines()[0]
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtypes = (args.dtypes or ("bf16" if device.type == "cuda" else "fp32")).split(",")
-    for d in dtypes:
-        if d not in DTYPES:
-            raise SystemExit(f"--dtypes: expected a comma list of {sorted(DTYPES)}, got {d!r}")
-    channels_last = device.type == "cuda" and not args.no_channels_last
-    env = environment(device)
-    env["malloc"] = pin_glibc_malloc(device, args.default_malloc)
+    device, dtypes, channels_last, env = prepare(args)
     print(f"# involution benchmark: {env}, channels_last={channels_last}, quick={args.quick}")
     print("| shape | dtype | method | fwd ms | fwd+bwd ms | peak MiB (fwd+bwd) | note |")
     print("|---|---|---|---|---|---|---|")
     rows = run(device, dtypes, args.quick, channels_last)
-    print()
-    print("\n".join(summary(rows)))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"env": env, "channels_last": channels_last, "quick": args.quick, "rows": [asdict(r) for r in rows]}, fh, indent=1)
+    report(args, env, channels_last, rows, summary(rows))
 
 
 if __name__ == "__main__":
