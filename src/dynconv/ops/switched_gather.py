@@ -396,11 +396,11 @@ def gather_backward(
     gs_nat = _scratch("rows_a", (total + 1, out_ch), cd, dev)
     if grad.is_contiguous():
         hw = plan.h_out * plan.w_out
-        gate_col = gate.reshape(plan.n, hw, 1)
+        gate_col = gate.reshape(plan.n, hw, 1).to(cd)  # an fp32 gate: the product is computed in fp32
         torch.mul(grad.view(plan.n, out_ch, hw).mT, gate_col, out=gs_nat[:total].view(plan.n, hw, out_ch))
     else:
         gs_grid = gs_nat[:total].view(plan.n, plan.h_out, plan.w_out, out_ch)
-        torch.mul(grad.permute(0, 2, 3, 1), gate.unsqueeze(-1), out=gs_grid)
+        torch.mul(grad.permute(0, 2, 3, 1), gate.unsqueeze(-1).to(cd), out=gs_grid)
     gs_nat[total].zero_()
     gs = _scratch("rows_c", (plan.slots, out_ch), cd, dev)
     torch.index_select(gs_nat, 0, plan.slot_pixel, out=gs)
@@ -500,7 +500,7 @@ def gather_backward(
     if need_g and not plan.chunks:
         grad_gate = torch.zeros(gate.shape, dtype=gate.dtype, device=gate.device)
     elif dot_gate:
-        grad_gate = _gate_grad_from_dot(pg_dot, grad, gate, weight, bias, index, xview, w_flat, plan, cd)
+        grad_gate = _gate_grad_from_dot(pg_dot, grad, gate, bias, index, xview, w_flat, plan, cd)
     elif need_g:  # <g, pre>, with pre back in pixel order
         pre_nat = pre.index_select(0, plan.pixel_slot).view(plan.n, plan.h_out, plan.w_out, out_ch)
         grad_gate = torch.linalg.vecdot(pre_nat, grad.to(cd).permute(0, 2, 3, 1)).to(gate.dtype)
@@ -513,7 +513,6 @@ def _gate_grad_from_dot(
     pg_dot: torch.Tensor,
     grad: torch.Tensor,
     gate: torch.Tensor,
-    weight: torch.Tensor,
     bias: torch.Tensor | None,
     index: torch.Tensor,
     xview: torch.Tensor,
