@@ -389,6 +389,30 @@ def test_triton_deterministic_matches_reference(geom, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("breadth", [1, 7, 254, 255, 300])
+def test_triton_tiles_cover_every_pixel_in_expert_order(breadth):
+    """The tile plan (sorted on a narrowed key) keeps each expert's pixels in order, every
+    tile inside one expert's segment, and every pixel in exactly one tile."""
+    from dynconv.ops import _switched_triton_kernels as K
+
+    gen = torch.Generator().manual_seed(breadth)
+    index = torch.randint(0, breadth, (2, 9, 11), generator=gen)
+    index.view(-1)[:3] = breadth - 1  # the largest id is present
+    tiles = K._make_tiles(index, breadth, block_m=4)
+    flat = index.view(-1)
+    torch.testing.assert_close(tiles.order.long(), torch.argsort(flat, stable=True))
+    counts = torch.bincount(flat, minlength=breadth)
+    torch.testing.assert_close(tiles.seg.long(), torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
+    covered = torch.zeros(flat.numel(), dtype=torch.int64)
+    for e, start, end in zip(tiles.tile_e.tolist(), tiles.tile_s.tolist(), tiles.tile_end.tolist()):
+        if e < 0:
+            continue
+        assert tiles.seg[e] <= start < end <= tiles.seg[e + 1]
+        covered[start : min(start + 4, end)] += 1
+    assert (covered == 1).all()
+
+
+@needs_triton
 def test_triton_deterministic_is_bitwise_repeatable():
     geom = GEOMS["k3-s2-p2-d2-odd"]
     _, x, weight, bias, index, gate, grad = make_case(geom, torch.float32, 4, "channels_last")

@@ -327,8 +327,11 @@ def _make_tiles(index: torch.Tensor, breadth: int, block_m: int) -> _Tiles:
         lo, hi = (int(v) for v in torch.aminmax(flat))
         if lo < 0 or hi >= breadth:
             raise IndexError(f"routing index must lie in [0, {breadth}) (breadth), got values in [{lo}, {hi}]")
-    sorted_idx, order = torch.sort(flat, stable=True)
-    experts = torch.arange(breadth + 1, device=flat.device, dtype=flat.dtype)
+    # the narrowest key that holds 0..breadth: radix sort passes scale with its width (on
+    # CPU uint8 sorted ~5x faster than int64; unmeasured on GPU)
+    key_dtype = torch.uint8 if breadth < 255 else torch.int16 if breadth < 2**15 - 1 else torch.int64
+    sorted_idx, order = torch.sort(flat.to(key_dtype), stable=True)
+    experts = torch.arange(breadth + 1, device=flat.device, dtype=key_dtype)
     seg = torch.searchsorted(sorted_idx, experts)  # (b+1,), no sync
     counts = seg[1:] - seg[:-1]
     tiles_per = (counts + block_m - 1) // block_m
