@@ -375,11 +375,12 @@ def gather_backward(
     """Gradients of :func:`gather_forward` for ``x``, ``weight``, ``bias``, ``gate``.
 
     Per chunk of expert-sorted rows: one patch gather, then per expert ``grad_W_e^T =
-    (gate*g)_e^T P_e``, the recomputed pre-gate output ``P_e W_e^T + b`` (for ``grad_gate =
-    <g, .>``) and the patch gradient ``(gate*g)_e W_e`` written over the patches; then one
+    (gate*g)_e^T P_e`` and the patch gradient ``(gate*g)_e W_e`` (its own buffer); one
     ``scatter_add_`` (CPU; deterministic) or ``index_add_`` (other devices) folds every tap of
-    the patch gradient into the padded input gradient. Off the CPU with ``deterministic``,
-    the fold goes tap by tap without atomics (:func:`_fold_tapwise`).
+    the patch gradient into the padded input gradient (off the CPU with ``deterministic``, tap
+    by tap without atomics: :func:`_fold_tapwise`), and its row dot with the patches gives the
+    gate gradient (:func:`_gate_grad_from_dot`). When ``x`` needs no gradient, the pre-gate
+    output ``P_e W_e^T + b`` is recomputed for ``grad_gate = <g, .>`` instead.
     """
     need_x, need_w, need_b, need_g = needs
     dtype = x.dtype
