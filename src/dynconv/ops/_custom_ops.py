@@ -49,6 +49,13 @@ def not_a_view(t: torch.Tensor) -> torch.Tensor:
     return t.detach() if t._is_view() else t
 
 
+def skipped(like: torch.Tensor) -> torch.Tensor:
+    """A fresh empty tensor in the slot of a gradient nobody asked for. Why fresh: a
+    ``torch.library`` custom op may not return one tensor twice (it raises), so one shared
+    empty tensor for two skipped gradients would fail."""
+    return like.new_empty(0)
+
+
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     """The layout outputs follow: channels_last only for a genuinely channels_last ``x``."""
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():

@@ -20,6 +20,7 @@ from .._checks import conv_output_size, pair
 from . import condconv as _condconv
 from . import involution as _involution
 from ._backend import triton_available
+from ._custom_ops import skipped
 
 IMPLS = ("triton", "cpu")
 
@@ -87,7 +88,7 @@ def cond_conv2d_fused_backward(
     need_input: bool,
     need_params: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(grad_x, grad_weight, grad_bias, grad_routing)``; skipped ones are empty tensors."""
+    """``(grad_x, grad_weight, grad_bias, grad_routing)``; skipped ones are fresh empty tensors."""
     _, bwd = _cc_module(impl)
     return bwd(
         grad, x, weight, bias, routing_weights, tuple(stride), tuple(padding), tuple(dilation), groups,
@@ -97,11 +98,10 @@ def cond_conv2d_fused_backward(
 
 @cond_conv2d_fused_backward.register_fake
 def _(grad, x, weight, bias, routing_weights, stride, padding, dilation, groups, impl, need_input, need_params):
-    empty = x.new_empty(0)
-    gx = x.new_empty(x.shape).contiguous(memory_format=_out_format(x)) if need_input else empty
+    gx = x.new_empty(x.shape).contiguous(memory_format=_out_format(x)) if need_input else skipped(x)
     if not need_params:
-        return gx, empty, empty, empty
-    gb = bias.new_empty(bias.shape) if bias is not None else empty
+        return gx, skipped(x), skipped(x), skipped(x)
+    gb = bias.new_empty(bias.shape) if bias is not None else skipped(x)
     return gx, weight.new_empty(weight.shape), gb, routing_weights.new_empty(routing_weights.shape)
 
 
@@ -181,7 +181,7 @@ def involution2d_fused_backward(
     need_input: bool,
     need_kernel: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(grad_x, grad_kernel)``; a skipped one is an empty tensor."""
+    """``(grad_x, grad_kernel)``; a skipped one is a fresh empty tensor."""
     _, bwd = _inv_module(impl)
     return bwd(
         grad, x, kernel, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), groups,
@@ -191,9 +191,8 @@ def involution2d_fused_backward(
 
 @involution2d_fused_backward.register_fake
 def _(grad, x, kernel, kernel_size, stride, padding, dilation, groups, impl, need_input, need_kernel):
-    empty = x.new_empty(0)
-    gx = x.new_empty(x.shape).contiguous(memory_format=_out_format(x)) if need_input else empty
-    gk = kernel.new_empty(kernel.shape) if need_kernel else empty
+    gx = x.new_empty(x.shape).contiguous(memory_format=_out_format(x)) if need_input else skipped(x)
+    gk = kernel.new_empty(kernel.shape) if need_kernel else skipped(x)
     return gx, gk
 
 

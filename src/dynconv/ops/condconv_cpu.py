@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import conv_output_size
-from ._custom_ops import not_a_view
+from ._custom_ops import not_a_view, skipped
 
 _aten = torch.ops.aten
 Pair = tuple[int, int]
@@ -120,23 +120,22 @@ def cond_conv2d_cpu_backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, routing: torch.Tensor,
     stride: Pair, padding: Pair, dilation: Pair, groups: int, need_input: bool = True, need_params: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(grad_x, grad_weight, grad_bias, grad_routing)``; skipped ones are empty tensors."""
+    """Returns ``(grad_x, grad_weight, grad_bias, grad_routing)``; skipped ones are fresh empty tensors."""
     n = x.shape[0]
     e_count, out = weight.shape[:2]
     grad = grad.to(x.dtype)
-    empty = x.new_empty(0)
     if not (need_input or need_params):
-        return empty, empty, empty, empty
+        return skipped(x), skipped(x), skipped(x), skipped(x)
     if n == 0:
         return (
-            torch.zeros_like(x) if need_input else empty,
-            torch.zeros_like(weight) if need_params else empty,
-            torch.zeros_like(bias) if (need_params and bias is not None) else empty,
-            torch.zeros_like(routing) if need_params else empty,
+            torch.zeros_like(x) if need_input else skipped(x),
+            torch.zeros_like(weight) if need_params else skipped(x),
+            torch.zeros_like(bias) if (need_params and bias is not None) else skipped(x),
+            torch.zeros_like(routing) if need_params else skipped(x),
         )
     fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
     chunks = _chunks(x, weight, tuple(grad.shape[2:]))
-    grad_x = empty
+    grad_x = skipped(x)
     if need_input and len(chunks) > 1:
         grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     w_flat = weight.reshape(e_count, -1)
@@ -172,8 +171,8 @@ def cond_conv2d_cpu_backward(
             grad_w.addmm_(routing[s:e].to(gk.dtype).t(), gk)  # chunk order: deterministic
             torch.mm(gk, w_cd.t(), out=grad_r[s:e])
     if not need_params:
-        return grad_x, empty, empty, empty
-    grad_b = empty
+        return grad_x, skipped(x), skipped(x), skipped(x)
+    grad_b = skipped(x)
     if bias is not None:
         grad_b = (routing.to(db.dtype).t() @ db).to(bias.dtype)
         grad_r += db @ bias.to(db.dtype).t()

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .._checks import conv_output_size
+from ._custom_ops import skipped
 
 # Fill outputs with NaN before launch so tests catch elements a kernel fails to write.
 POISON_OUTPUTS = os.environ.get("DYNCONV_POISON_OUTPUTS", "0") == "1"
@@ -519,7 +520,7 @@ def cond_conv2d_backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, routing: torch.Tensor,
     stride: Pair, padding: Pair, dilation: Pair, groups: int, need_input: bool = True, need_params: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(grad_x, grad_weight, grad_bias, grad_routing)``; skipped ones are empty tensors."""
+    """Returns ``(grad_x, grad_weight, grad_bias, grad_routing)``; skipped ones are fresh empty tensors."""
     n, cin, h, w = x.shape
     e, cout, cin_g = weight.shape[:3]
     kh, kw, ho, wo = _geometry(x, weight, stride, padding, dilation)
@@ -529,14 +530,13 @@ def cond_conv2d_backward(
     wt = _expert_layout(weight)
     r = routing.detach().to(torch.float32).contiguous()
     p = ho * wo
-    empty = x.new_empty(0)
-    grad_x = empty
+    grad_x = skipped(x)
     if x.numel() == 0 or grad.numel() == 0:  # nothing to launch: zero gradients of the right shapes
         zeros = (
-            torch.zeros_like(x) if need_input else empty,
-            torch.zeros_like(weight) if need_params else empty,
-            torch.zeros_like(bias) if (need_params and bias is not None) else empty,
-            torch.zeros_like(routing) if need_params else empty,
+            torch.zeros_like(x) if need_input else skipped(x),
+            torch.zeros_like(weight) if need_params else skipped(x),
+            torch.zeros_like(bias) if (need_params and bias is not None) else skipped(x),
+            torch.zeros_like(routing) if need_params else skipped(x),
         )
         return zeros
     if need_input:
@@ -565,7 +565,7 @@ def cond_conv2d_backward(
                 num_warps=8 if block_p * block_ci >= 8192 else 4,
             )
     if not need_params:
-        return grad_x, empty, empty, empty
+        return grad_x, skipped(x), skipped(x), skipped(x)
     dw_buf = torch.zeros(wt.shape, device=x.device, dtype=torch.float32)
     dr = torch.zeros((n, e), device=x.device, dtype=torch.float32)
     e_pad = max(2, _next_pow2(e))
@@ -596,7 +596,7 @@ def cond_conv2d_backward(
             num_warps=8 if e_pad * block_ci * block_co >= 4096 else 4,
         )
     grad_w = dw_buf.permute(0, 4, 3, 1, 2).to(weight.dtype).contiguous()
-    grad_b = empty
+    grad_b = skipped(x)
     if bias is not None:
         db_n = grad.sum(dim=(2, 3), dtype=torch.float32)  # (N, out)
         grad_b = (r.t() @ db_n).to(bias.dtype)
