@@ -30,10 +30,12 @@ def test_bench_condconv_smoke(monkeypatch, tmp_path, capsys):
 def test_bench_involution_smoke(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(bench_involution, "SHAPES", [("tiny K3 G2", 2, 8, 6, 3, 2)])
     out = tmp_path / "involution.json"
-    assert bench.main(["involution", "--device", "cpu", "--quick", "--default-malloc", "--json", str(out)]) == 0
+    argv = ["involution", "--device", "cpu", "--quick", "--default-malloc", "--channels-last", "--json", str(out)]
+    assert bench.main(argv) == 0
     assert "unfold / backend" in capsys.readouterr().out
     payload = json.loads(out.read_text())
     assert payload["env"]["malloc"] == "glibc default"
+    assert payload["channels_last"] is True  # --channels-last applies on CPU as well
     assert {r["method"] for r in payload["rows"]} >= {"unfold", "reference", "cpu"}
 
 

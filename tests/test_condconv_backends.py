@@ -99,6 +99,7 @@ CASES = {
     "dense-wide-stride2-nobias": (2, 20, 40, (7, 6), 3, 1, 4, 2, 1, 1, {"bias": False}),
     "groups2-dilation2-cl": (3, 12, 8, (7, 7), 3, 2, 2, 1, 2, 2, {"channels_last": True}),
     "depthwise-k3": (2, 6, 6, (7, 7), 3, 6, 4, 1, 1, 1, {}),
+    "depthwise-k3-cl": (2, 8, 8, (6, 5), 3, 8, 4, 1, 1, 1, {"channels_last": True}),
     "depthwise-k5-mult2-stride2-cl": (2, 6, 12, (8, 7), 5, 6, 3, 2, 2, 1, {"channels_last": True}),
     "depthwise-k3-dil2-noncontig": (2, 5, 5, (6, 6), 3, 5, 2, 1, 2, 2, {"noncontig": True}),
     "depthwise-k5-dil2-stride2-mult3": (3, 4, 12, (11, 9), 5, 4, 3, 2, 3, 2, {}),
@@ -151,6 +152,52 @@ def test_cpu_example_chunks_match_reference(case, split, monkeypatch):
         monkeypatch.setattr(condconv_cpu, "_chunks", lambda x, *_: [(0, 2), (2, 3), (3, x.shape[0])])
     n, cin, cout, hw, k, groups, e, s, p, d, opts = CASES[case]
     run_case("cpu", 5, cin, cout, hw, k, groups, e, s, p, d, **opts)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("nhwc_fold", [False, True])
+@pytest.mark.parametrize("case", ["groups2-dilation2-cl", "depthwise-k3-cl", "depthwise-k5-mult2-stride2-cl"])
+def test_cpu_channels_last_folds_match_reference(case, nhwc_fold, chunked, monkeypatch):
+    """A channels_last batch folded either way (``NHWC_FOLD_MIN_PIXELS``), whole or in chunks, gives the reference."""
+    from dynconv.ops import condconv_cpu
+
+    for kind in ("dense", "depthwise"):
+        monkeypatch.setitem(condconv_cpu.NHWC_FOLD_MIN_PIXELS, kind, 0 if nhwc_fold else 10**9)
+    if chunked:
+        monkeypatch.setattr(condconv_cpu, "_chunks", lambda x, *_: [(0, 2), (2, 3), (3, x.shape[0])])
+    n, cin, cout, hw, k, groups, e, s, p, d, opts = CASES[case]
+    run_case("cpu", 4, cin, cout, hw, k, groups, e, s, p, d, **opts)
+
+
+def test_cpu_nhwc_fold_layout():
+    """The NHWC fold holds the same values as the NCHW one, channels_last; the shape-only
+    stand-in has the same shape and strides."""
+    from dynconv.ops import condconv_cpu
+
+    x = torch.randn(3, 4, 5, 6).contiguous(memory_format=torch.channels_last)
+    folded = condconv_cpu._fold(x, nhwc=True)
+    assert folded.shape == (1, 12, 5, 6) and folded.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(folded, condconv_cpu._fold(x), rtol=0, atol=0)
+    assert condconv_cpu._empty_fold(x, nhwc=True).stride() == folded.stride()
+    assert condconv_cpu._empty_fold(x, nhwc=False).shape == folded.shape
+    torch.testing.assert_close(condconv_cpu._unfold(folded, 3), x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_cpu_channels_last_input_gradient_only(kernel):
+    """Frozen experts and routing, a channels_last depthwise layer: only grad x is computed
+    (the input's fold is replaced by a shape-only tensor) and it matches the reference."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 8, 7, 6, generator=gen).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(2, 8, 1, kernel, kernel, generator=gen)
+    r = torch.rand(3, 2, generator=gen)
+    y = cond_conv2d(x, w, None, r, 1, kernel // 2, 1, 8, backend="cpu")
+    g = torch.randn(y.shape, generator=gen)
+    y.backward(g)
+    x_ref = x.detach().double().requires_grad_()
+    reference_cond_conv2d(x_ref, w.double(), None, r.double(), 1, kernel // 2, 1, 8).backward(g.double())
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    assert _rel(x.grad, x_ref.grad) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))])
