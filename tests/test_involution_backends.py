@@ -83,6 +83,7 @@ CASES = {
     "k3-dil2-depthwise": (2, 6, (7, 7), 3, 6, 1, 2, 2, {}),
     "k3-one-group-tiles-cl": (2, 64, (6, 7), 3, 2, 2, 1, 1, {"channels_last": True}),
     "k3-noncontig": (2, 8, (6, 5), 3, 2, 1, 1, 1, {"noncontig": True}),
+    "k3-nopad-cl": (2, 16, (6, 7), 3, 4, 1, 0, 1, {"channels_last": True}),
     "k3-bf16": (2, 16, (6, 6), 3, 4, 1, 1, 1, {"dtype": torch.bfloat16}),
     "k5-s2-fp16-cl": (2, 32, (7, 7), 5, 2, 2, 2, 1, {"dtype": torch.float16, "channels_last": True}),
     "k7-bf16": (1, 16, (8, 8), 7, 1, 1, 3, 1, {"dtype": torch.bfloat16}),
