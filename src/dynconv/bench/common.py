@@ -41,6 +41,17 @@ _MMAP_THRESHOLDS = (2**30, 32 * 2**20)  # older glibc refuses more than 32 MiB
 _TRIM_THRESHOLD = 2**31 - 1
 
 
+def add_layout_options(parser: argparse.ArgumentParser) -> None:
+    layout = parser.add_mutually_exclusive_group()
+    layout.add_argument("--no-channels-last", action="store_true", help="NCHW inputs (default: channels_last on cuda, NCHW on cpu)")
+    layout.add_argument("--channels-last", action="store_true", help="channels_last inputs on cpu too")
+
+
+def uses_channels_last(device: torch.device, args: argparse.Namespace) -> bool:
+    """The input layout :func:`add_layout_options` asked for on ``device``."""
+    return (device.type == "cuda" or args.channels_last) and not args.no_channels_last
+
+
 def add_malloc_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--default-malloc",

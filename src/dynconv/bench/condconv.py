@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .common import add_malloc_option, environment, measure_methods, pin_glibc_malloc
+from .common import add_layout_options, add_malloc_option, environment, measure_methods, pin_glibc_malloc, uses_channels_last
 
 # name, N, C, H(=W), k, groups
 SHAPES: list[tuple[str, int, int, int, int, int]] = [
@@ -142,9 +142,7 @@ def build_parser(prog: str = "python -m dynconv.bench condconv", experts: bool =
     if experts:
         p.add_argument("--experts", default=",".join(map(str, EXPERTS)), help="comma list of expert counts (default 4,8)")
     p.add_argument("--quick", action="store_true", help="batch / 16 and 3 repetitions: a smoke run, not a measurement")
-    layout = p.add_mutually_exclusive_group()
-    layout.add_argument("--no-channels-last", action="store_true", help="NCHW inputs (default: channels_last on cuda, NCHW on cpu)")
-    layout.add_argument("--channels-last", action="store_true", help="channels_last inputs on cpu too")
+    add_layout_options(p)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs (default: torch's)")
     add_malloc_option(p)
     p.add_argument("--json", default=None, help="also write the rows and environment to this JSON file")
@@ -162,7 +160,7 @@ def prepare(args: argparse.Namespace) -> tuple[torch.device, list[str], bool, di
     for d in dtypes:
         if d not in DTYPES:
             raise SystemExit(f"--dtypes: expected a comma list of {sorted(DTYPES)}, got {d!r}")
-    channels_last = (device.type == "cuda" or args.channels_last) and not args.no_channels_last
+    channels_last = uses_channels_last(device, args)
     env = environment(device)
     env["malloc"] = pin_glibc_malloc(device, args.default_malloc)
     return device, dtypes, channels_last, env

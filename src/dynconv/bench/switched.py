@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .common import add_malloc_option, environment, measure_methods, pin_glibc_malloc
+from .common import add_layout_options, add_malloc_option, environment, measure_methods, pin_glibc_malloc, uses_channels_last
 
 # name -> (N, C_in, C_out, H=W)
 SHAPES: dict[str, tuple[int, int, int, int]] = {
@@ -199,7 +199,7 @@ def build_parser(prog: str = "python -m dynconv.bench switched") -> argparse.Arg
     p.add_argument("--breadths", default=None, help=f"comma list of expert counts (default: {','.join(map(str, BREADTHS))})")
     p.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: bf16,fp32 on cuda, fp32 on cpu)")
     p.add_argument("--methods", default=None, help=f"comma list of {','.join(METHODS)} (default: all available)")
-    p.add_argument("--no-channels-last", action="store_true", help="NCHW inputs (default: channels_last on cuda)")
+    add_layout_options(p)
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement (default 20 cuda, 7 cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs (default: unchanged)")
     p.add_argument("--quick", action="store_true", help="batch / 16, breadths 1,8, 2 repetitions: a smoke run")
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = [m for m in methods if m not in available]
     if missing:
         raise SystemExit(f"--methods: {missing} not available on {device} (available: {available})")
-    channels_last = is_cuda and not args.no_channels_last
+    channels_last = uses_channels_last(device, args)
     reps = args.reps or (2 if args.quick else (20 if is_cuda else 7))
     warmup = 2 if args.quick else 3
     env = environment(device)
