@@ -65,8 +65,18 @@ def _check(fast, reference, inputs: dict, wanted: tuple[str, ...]) -> None:
         assert err < TOL, f"grad {name}: rel err {err:.2e}"
 
 
-def _on_device(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t.to(DEVICE) if t is not None else None
+def _random_inputs(seed: int, **shapes) -> dict:
+    """Named inputs on ``DEVICE``: ``randn`` of each shape, ``rand`` for names ending in
+    ``'gate'`` or ``'weights'`` (probabilities), ``None`` where the shape is ``None``."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(name, shape):
+        if shape is None:
+            return None
+        draw = torch.rand if name.endswith(("gate", "weights")) else torch.randn
+        return draw(*shape, generator=gen).to(DEVICE)
+
+    return {name: make(name, shape) for name, shape in shapes.items()}
 
 
 COND_FAST = [b for b in ("cpu", "triton") if b in COND_BACKENDS and not (b == "cpu" and DEVICE == "cuda")]
@@ -76,14 +86,9 @@ COND_FAST = [b for b in ("cpu", "triton") if b in COND_BACKENDS and not (b == "c
 @pytest.mark.parametrize("case", _bias_cases(("x", "weight", "bias", "routing_weights")), ids=_bias_case_id)
 def test_cond_conv2d(backend, case):
     with_bias, wanted = case
-    gen = torch.Generator().manual_seed(1)
-    inputs = {
-        "x": torch.randn(2, 4, 5, 5, generator=gen),
-        "weight": torch.randn(3, 4, 2, 3, 3, generator=gen),
-        "bias": torch.randn(3, 4, generator=gen) if with_bias else None,
-        "routing_weights": torch.rand(2, 3, generator=gen),
-    }
-    inputs = {k: _on_device(v) for k, v in inputs.items()}
+    inputs = _random_inputs(
+        1, x=(2, 4, 5, 5), weight=(3, 4, 2, 3, 3), bias=(3, 4) if with_bias else None, routing_weights=(2, 3)
+    )
     _check(
         lambda **a: cond_conv2d(**a, stride=1, padding=1, groups=2, backend=backend),
         lambda **a: reference_cond_conv2d(**a, stride=1, padding=1, groups=2),
@@ -97,9 +102,7 @@ INV_FAST = [b for b in ("cpu", "triton") if b in INV_BACKENDS and not (b == "cpu
 @pytest.mark.parametrize("backend", INV_FAST)
 @pytest.mark.parametrize("wanted", _subsets(("x", "kernel")), ids="-".join)
 def test_involution2d(backend, wanted):
-    gen = torch.Generator().manual_seed(2)
-    inputs = {"x": torch.randn(2, 4, 5, 5, generator=gen), "kernel": torch.randn(2, 2, 9, 5, 5, generator=gen)}
-    inputs = {k: _on_device(v) for k, v in inputs.items()}
+    inputs = _random_inputs(2, x=(2, 4, 5, 5), kernel=(2, 2, 9, 5, 5))
     _check(
         lambda **a: involution2d(a["x"], a["kernel"], 3, 1, 1, groups=2, backend=backend),
         lambda **a: reference_involution2d(a["x"], a["kernel"], 3, 1, 1, groups=2),
@@ -114,15 +117,8 @@ SWITCHED_FAST = [b for b in ("gather", "triton") if b in HARD_BACKENDS and not (
 @pytest.mark.parametrize("case", _bias_cases(("x", "weight", "bias", "gate")), ids=_bias_case_id)
 def test_switched_conv2d(backend, case):
     with_bias, wanted = case
-    gen = torch.Generator().manual_seed(3)
-    inputs = {
-        "x": torch.randn(2, 4, 5, 5, generator=gen),
-        "weight": torch.randn(3, 6, 4, 3, 3, generator=gen),
-        "bias": torch.randn(6, generator=gen) if with_bias else None,
-        "gate": torch.rand(2, 5, 5, generator=gen),
-    }
-    inputs = {k: _on_device(v) for k, v in inputs.items()}
-    index = torch.randint(0, 3, (2, 5, 5), generator=gen).to(DEVICE)
+    inputs = _random_inputs(3, x=(2, 4, 5, 5), weight=(3, 6, 4, 3, 3), bias=(6,) if with_bias else None, gate=(2, 5, 5))
+    index = torch.randint(0, 3, (2, 5, 5), generator=torch.Generator().manual_seed(4)).to(DEVICE)
 
     def run(fn, **a):
         return fn(a["x"], a["weight"], a["bias"], (index, a["gate"]), 1, 1)
