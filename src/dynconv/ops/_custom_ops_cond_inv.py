@@ -20,14 +20,9 @@ from .._checks import conv_output_size, pair
 from . import condconv as _condconv
 from . import involution as _involution
 from ._backend import triton_available
-from ._custom_ops import skipped
+from ._custom_ops import memory_format_of, skipped
 
 IMPLS = ("triton", "cpu")
-
-
-def _out_format(x: torch.Tensor) -> torch.memory_format:
-    cl = x.shape[1] > 1 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if cl else torch.contiguous_format
 
 
 def _check_impl(impl: str) -> None:
@@ -70,7 +65,7 @@ def cond_conv2d_fused(
 def _(x, weight, bias, routing_weights, stride, padding, dilation, groups, impl):
     ho = conv_output_size(x.shape[2], weight.shape[3], stride[0], padding[0], dilation[0])
     wo = conv_output_size(x.shape[3], weight.shape[4], stride[1], padding[1], dilation[1])
-    return x.new_empty((x.shape[0], weight.shape[1], ho, wo)).contiguous(memory_format=_out_format(x))
+    return x.new_empty((x.shape[0], weight.shape[1], ho, wo)).contiguous(memory_format=memory_format_of(x))
 
 
 @torch.library.custom_op("dynconv::cond_conv2d_fused_backward", mutates_args=())
@@ -98,7 +93,7 @@ def cond_conv2d_fused_backward(
 
 @cond_conv2d_fused_backward.register_fake
 def _(grad, x, weight, bias, routing_weights, stride, padding, dilation, groups, impl, need_input, need_params):
-    gx = x.new_empty(x.shape).contiguous(memory_format=_out_format(x)) if need_input else skipped(x)
+    gx = x.new_empty(x.shape).contiguous(memory_format=memory_format_of(x)) if need_input else skipped(x)
     if not need_params:
         return gx, skipped(x), skipped(x), skipped(x)
     gb = bias.new_empty(bias.shape) if bias is not None else skipped(x)
@@ -164,7 +159,7 @@ def involution2d_fused(
 @involution2d_fused.register_fake
 def _(x, kernel, kernel_size, stride, padding, dilation, groups, impl):
     shape = (x.shape[0], x.shape[1], kernel.shape[3], kernel.shape[4])
-    return x.new_empty(shape).contiguous(memory_format=_out_format(x))
+    return x.new_empty(shape).contiguous(memory_format=memory_format_of(x))
 
 
 @torch.library.custom_op("dynconv::involution2d_fused_backward", mutates_args=())
@@ -191,7 +186,7 @@ def involution2d_fused_backward(
 
 @involution2d_fused_backward.register_fake
 def _(grad, x, kernel, kernel_size, stride, padding, dilation, groups, impl, need_input, need_kernel):
-    gx = x.new_empty(x.shape).contiguous(memory_format=_out_format(x)) if need_input else skipped(x)
+    gx = x.new_empty(x.shape).contiguous(memory_format=memory_format_of(x)) if need_input else skipped(x)
     gk = kernel.new_empty(kernel.shape) if need_kernel else skipped(x)
     return gx, gk
 

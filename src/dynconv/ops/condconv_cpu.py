@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import conv_output_size
-from ._custom_ops import not_a_view, skipped
+from ._custom_ops import memory_format_of, not_a_view, skipped
 
 _aten = torch.ops.aten
 Pair = tuple[int, int]
@@ -51,10 +51,6 @@ def _mix(weight: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
     """Per-example kernels ``(N, out, in/g, kH, kW)``, one matmul."""
     e = weight.shape[0]
     return (routing.to(weight.dtype) @ weight.reshape(e, -1)).view(routing.shape[0], *weight.shape[1:])
-
-
-def _channels_last(x: torch.Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def _output_hw(x: torch.Tensor, weight: torch.Tensor, stride: Pair, padding: Pair, dilation: Pair) -> tuple[int, int]:
@@ -82,7 +78,7 @@ NHWC_FOLD_MIN_PIXELS = {"depthwise": 0, "dense": 512}
 
 def _nhwc_fold(x: torch.Tensor, weight: torch.Tensor, out_hw: tuple[int, int]) -> bool:
     kind = "depthwise" if _depthwise(weight) else "dense"
-    return _channels_last(x) and out_hw[0] * out_hw[1] >= NHWC_FOLD_MIN_PIXELS[kind]
+    return memory_format_of(x) == torch.channels_last and out_hw[0] * out_hw[1] >= NHWC_FOLD_MIN_PIXELS[kind]
 
 
 def _fold(t: torch.Tensor, nhwc: bool = False) -> torch.Tensor:
@@ -144,7 +140,7 @@ def cond_conv2d_cpu_forward(
     n = x.shape[0]
     out = weight.shape[1]
     ho, wo = _output_hw(x, weight, stride, padding, dilation)
-    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    fmt = memory_format_of(x)
     bias_n = (routing.to(bias.dtype) @ bias) if bias is not None else None  # (N, out)
     chunks = _chunks(x, weight, (ho, wo))
     nhwc = _nhwc_fold(x, weight, (ho, wo))
@@ -178,7 +174,7 @@ def cond_conv2d_cpu_backward(
             torch.zeros_like(bias) if (need_params and bias is not None) else skipped(x),
             torch.zeros_like(routing) if need_params else skipped(x),
         )
-    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    fmt = memory_format_of(x)
     chunks = _chunks(x, weight, tuple(grad.shape[2:]))
     nhwc = _nhwc_fold(x, weight, tuple(grad.shape[2:]))
     direct = len(chunks) == 1 and not nhwc  # the conv's input gradient is the result

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .._checks import conv_output_size
-from ._custom_ops import skipped
+from ._custom_ops import memory_format_of, skipped
 
 # Fill outputs with NaN before launch so tests catch elements a kernel fails to write.
 POISON_OUTPUTS = os.environ.get("DYNCONV_POISON_OUTPUTS", "0") == "1"
@@ -56,7 +56,7 @@ def _empty(shape, like: torch.Tensor, dtype=None, channels_last: bool = False) -
 
 def prefers_channels_last(x: torch.Tensor) -> bool:
     """Outputs follow the input's layout: channels_last in, channels_last out."""
-    return x.dim() == 4 and x.shape[1] > 1 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return x.dim() == 4 and memory_format_of(x) == torch.channels_last
 
 
 def _precision(dtype: torch.dtype) -> str:

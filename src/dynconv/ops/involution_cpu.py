@@ -15,6 +15,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ._custom_ops import memory_format_of
+
 # Fill outputs with NaN first (tests) so unwritten elements show up.
 POISON_OUTPUTS = os.environ.get("DYNCONV_POISON_OUTPUTS", "0") == "1"
 Pair = tuple[int, int]
@@ -74,9 +76,7 @@ def involution2d_cpu_forward(
                 xs = _window(xc, a, bb, ho, wo, stride, dilation).unflatten(1, (groups, c // groups))
                 acc.addcmul_(xs, kc[:, :, a * kw + bb].unsqueeze(2))
         y[n0 : n0 + step] = acc.view(b, c, ho, wo)
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        y = y.contiguous(memory_format=torch.channels_last)
-    return y
+    return y.contiguous(memory_format=memory_format_of(x))
 
 
 def involution2d_cpu_backward(
@@ -116,6 +116,5 @@ def involution2d_cpu_backward(
                     grad_k[n0 : n0 + step, :, t] = torch.linalg.vecdot(dy32, xs.to(acc_dtype), dim=2)
     if need_input:
         grad_x = gxp[:, :, ph : ph + h, pw : pw + w].to(x.dtype)
-        fmt = torch.channels_last if (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()) else torch.contiguous_format
-        grad_x = grad_x.contiguous(memory_format=fmt)
+        grad_x = grad_x.contiguous(memory_format=memory_format_of(x))
     return grad_x, grad_k
