@@ -15,8 +15,13 @@ installed Triton (e.g. the GPU machine's 3.6 via ``PYTHONPATH``).
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
 
@@ -94,9 +99,11 @@ def _exercise() -> None:
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for channels_last in (False, True):
             fmt = torch.channels_last if channels_last else torch.contiguous_format
-            # (n, cin, cout, hw, k, groups, stride): dense, grouped, depthwise with a multiplier
+            # (n, cin, cout, hw, k, groups, stride): dense (the benchmark's channel counts, with
+            # their full-size tiles), grouped, depthwise with a multiplier
             for n, cin, cout, hw, k, groups, stride in (
-                (2, 16, 32, 6, 3, 1, 1), (2, 16, 16, 24, 3, 2, 2), (2, 8, 16, 7, 5, 8, 1), (2, 8, 8, 6, 3, 8, 2),
+                (2, 16, 32, 6, 3, 1, 1), (2, 128, 128, 16, 3, 1, 1), (2, 64, 64, 24, 3, 1, 1),
+                (2, 16, 16, 24, 3, 2, 2), (2, 8, 16, 7, 5, 8, 1), (2, 8, 8, 6, 3, 8, 2), (2, 256, 256, 14, 3, 256, 1),
             ):
                 x = torch.randn(n, cin, hw, hw, generator=gen).to(dtype).contiguous(memory_format=fmt)
                 w = torch.randn(3, cout, cin // groups, k, k, generator=gen).to(dtype)
@@ -109,7 +116,9 @@ def _exercise() -> None:
                     g = torch.randn(y.shape, generator=gen).to(dtype).contiguous(memory_format=fmt)
                     for need_input, need_params in ((True, True), (True, False), (False, True)):
                         cc.cond_conv2d_backward(g, x, w, b, r, *geometry, need_input=need_input, need_params=need_params)
-            for c, k, groups, stride in ((16, 3, 2, 1), (32, 7, 4, 2), (64, 5, 1, 1)):
+            # (c, K, groups, stride): the benchmark's channel groups (16 per group), one wide
+            # group (tiles inside one group), groups narrower than a tile, stride 2
+            for c, k, groups, stride in ((64, 7, 4, 1), (64, 3, 4, 1), (32, 7, 4, 2), (64, 5, 1, 1), (64, 7, 1, 1), (24, 3, 3, 1)):
                 x = torch.randn(2, c, 9, 9, generator=gen).to(dtype).contiguous(memory_format=fmt)
                 ho = (9 + 2 * (k // 2) - k) // stride + 1
                 kern = torch.randn(2, groups, k * k, ho, ho, generator=gen).to(dtype)
@@ -120,19 +129,46 @@ def _exercise() -> None:
                     inv.involution2d_backward(g, x, kern, *geometry, need_input=need_input, need_kernel=need_kernel)
 
 
+def _resource_usage(cubin: bytes) -> tuple[int, int, int]:
+    """``(registers, stack bytes, local bytes)`` per thread of the kernel in ``cubin``, from
+    ``cuobjdump --dump-resource-usage`` (bundled with Triton's NVIDIA backend); local memory
+    is where registers spill to."""
+    import triton.backends.nvidia
+
+    cuobjdump = Path(triton.backends.nvidia.__file__).parent / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        out = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(path)], capture_output=True, text=True, check=True).stdout
+    usage = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", out))
+    return int(usage["REG"]), int(usage["STACK"]), int(usage["LOCAL"])
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--report", action="store_true", help="also print shared memory, registers and stack/spill bytes per launch")
+    args = parser.parse_args()
     JITFunction.run = _record
     _as_on_cuda()
     _exercise()
-    failures = []
+    failures, rows = [], []
     for fn, signature, consts, options in _launches.values():
+        opts = {"num_warps": 4, "num_stages": 3, **options}
         try:
-            triton.compile(ASTSource(fn, signature, consts), target=TARGET, options={"num_warps": 4, "num_stages": 3, **options})
+            kernel = triton.compile(ASTSource(fn, signature, consts), target=TARGET, options=opts)
         except Exception as exc:  # noqa: BLE001 - all failures are reported together
             failures.append(f"{fn.__name__} {consts}: {type(exc).__name__}: {str(exc)[:2000]}")
+            continue
+        if args.report:
+            regs, stack, spills = _resource_usage(kernel.asm["cubin"])
+            dtypes = sorted({v for v in signature.values() if v.startswith("*")})
+            rows.append((fn.__name__, ",".join(dtypes), opts["num_warps"], kernel.metadata.shared, regs, stack + spills, consts))
     if failures:
         print("\n\n".join(failures), file=sys.stderr)
         return 1
+    for name, dtypes, warps, shared, regs, spills, consts in sorted(rows, key=lambda r: (r[0], -r[5], -r[3])):
+        blocks = {k: v for k, v in consts.items() if k.startswith(("BLOCK", "E", "K", "PRE", "N_PER", "ATOMIC"))}
+        print(f"{name:36s} {dtypes:18s} warps={warps} smem={shared / 1024:6.1f}KiB regs={regs:3d} stack+local={spills:5d}B {blocks}")
     print(f"compiled {len(_launches)} launches")
     return 0
 

@@ -59,6 +59,14 @@ def prefers_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and memory_format_of(x) == torch.channels_last
 
 
+def tile_warps(block_p: int, block_c: int) -> int:
+    """Warps for the element-wise (non-GEMM) kernels' ``block_p x block_c`` tiles: with 4
+    warps, 64x64 tiles spill registers on sm_90 (the depthwise CondConv and involution
+    kernels: 255 registers and up to 736 B of local memory per thread, per
+    ``tests/aot_compile_launches.py --report``); 8 warps hold them without spilling."""
+    return 8 if block_p * block_c >= 4096 else 4
+
+
 def _precision(dtype: torch.dtype) -> str:
     # fp32 follows PyTorch's conv default (TF32 allowed by cuDNN); the interpreter ignores it.
     if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
@@ -499,6 +507,7 @@ def cond_conv2d_forward(
             *x.stride(), wt.stride(0), wt.stride(1), wt.stride(2), wt.stride(4), *y.stride(),
             sh, sw, ph, pw, dh, dw,
             E=e, KH=kh, KW=kw, HAS_BIAS=bias is not None, BLOCK_P=block_p, BLOCK_C=block_c,
+            num_warps=tile_warps(block_p, block_c),
         )
         return y
     block_p, block_co, block_ci = _gemm_blocks(p, cin_g, cout_g)
@@ -549,6 +558,7 @@ def cond_conv2d_backward(
                 grad, wt, r, grad_x, h, w, ho, wo, cin, cout_g,
                 *grad.stride(), wt.stride(0), wt.stride(1), wt.stride(2), wt.stride(4), *grad_x.stride(),
                 sh, sw, ph, pw, dh, dw, E=e, KH=kh, KW=kw, BLOCK_P=block_p, BLOCK_C=block_c,
+                num_warps=tile_warps(block_p, block_c),
             )
         else:
             block_p, block_co, block_ci = _gemm_blocks(h * w, cin_g, cout_g)
@@ -579,6 +589,7 @@ def cond_conv2d_backward(
             x, grad, wt, r, dw_buf, dr, n, h, w, ho, wo, cout, cout_g,
             *x.stride(), *grad.stride(), wt.stride(0), wt.stride(1), wt.stride(2), wt.stride(4),
             sh, sw, ph, pw, dh, dw, E=e, E_PAD=e_pad, KH=kh, KW=kw, N_PER=n_per, BLOCK_P=block_p, BLOCK_C=block_c,
+            num_warps=tile_warps(block_p, block_c),
         )
     else:
         block_ci = min(32, max(16, _next_pow2(cin_g)))

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .condconv_triton import SUPPORTED_DTYPES, Pair, _empty, _next_pow2, prefers_channels_last
+from .condconv_triton import SUPPORTED_DTYPES, Pair, _empty, _next_pow2, prefers_channels_last, tile_warps
 
 
 @triton.jit
@@ -198,7 +198,7 @@ def involution2d_forward(
         x, kernel, y, h, w, ho, wo, c, cg,
         *x.stride(), *kernel.stride(), *y.stride(),
         sh, sw, ph, pw, dh, dw,
-        KH=kh, KW=kw, ONE_GROUP=one_group, BLOCK_P=block_p, BLOCK_C=block_c,
+        KH=kh, KW=kw, ONE_GROUP=one_group, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=tile_warps(block_p, block_c),
     )
     return y
 
@@ -226,6 +226,7 @@ def involution2d_backward(
             *grad.stride(), *kernel.stride(), *grad_x.stride(),
             sh, sw, ph, pw, dh, dw,
             KH=kh, KW=kw, ONE_GROUP=one_group, BLOCK_P=block_p, BLOCK_C=block_c,
+            num_warps=tile_warps(block_p, block_c),
         )
     if need_kernel:
         grad_k = _empty(tuple(kernel.shape), kernel)
@@ -236,6 +237,6 @@ def involution2d_backward(
             x, grad, grad_k, h, w, ho, wo, groups, cg,
             *x.stride(), *grad.stride(), *grad_k.stride(),
             sh, sw, ph, pw, dh, dw,
-            KH=kh, KW=kw, BLOCK_P=block_p, BLOCK_C=block_c,
+            KH=kh, KW=kw, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=tile_warps(block_p, block_c),
         )
     return grad_x, grad_k
