@@ -6,10 +6,10 @@ TORCH_CPU_VERSION ?= 2.13.0
 TRITON_CPU_VERSION ?= 3.9.0
 STAMP := $(VENV)/.dynconv-installed
 
-.PHONY: help venv test demo bench clean
+.PHONY: help venv test demo bench gpu-check clean
 
 help:  ## list the commands
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 # The venv reuses an importable torch (e.g. a GPU machine's own build, via
 # --system-site-packages); otherwise it installs the local CPU build of torch, never CUDA wheels.
@@ -37,6 +37,9 @@ demo: $(STAMP)  ## the main job: x2 SR with plain/switched/CondConv/involution a
 
 bench: $(STAMP)  ## switched-conv benchmark on this machine (see docs/performance.md)
 	$(PY) -m dynconv.bench switched
+
+gpu-check:  ## on a GPU machine (torch + triton installed): compiled-kernel tests + all benchmarks into runs/gpu
+	bash scripts/gpu_check.sh
 
 clean:  ## remove the virtual environment and run outputs
 	rm -rf $(VENV) runs build src/*.egg-info
