@@ -43,7 +43,9 @@ def test_cond_conv2d_cpu_forward(channels_last, depthwise_k5, bias):
     torch.library.opcheck(torch.ops.dynconv.cond_conv2d_fused.default, args)
 
 
-@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)], ids=["all", "input-only", "params-only"])
+@pytest.mark.parametrize(
+    "needs", [(True, True), (True, False), (False, True), (False, False)], ids=["all", "input-only", "params-only", "none"]
+)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_cond_conv2d_cpu_backward(channels_last, needs):
     x, weight, b, routing, *geometry = _cond_args(torch.float64, channels_last, False, False, "cpu")
@@ -72,7 +74,9 @@ def test_involution2d_cpu(channels_last):
     torch.library.opcheck(torch.ops.dynconv.involution2d_fused.default, _inv_args(torch.float64, channels_last, "cpu"))
 
 
-@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)], ids=["all", "input-only", "kernel-only"])
+@pytest.mark.parametrize(
+    "needs", [(True, True), (True, False), (False, True), (False, False)], ids=["all", "input-only", "kernel-only", "none"]
+)
 def test_involution2d_cpu_backward(needs):
     x, kernel, *geometry = _inv_args(torch.float64, True, "cpu")
     grad = _layout(torch.randn(2, 4, 3, 3, dtype=torch.float64), True)

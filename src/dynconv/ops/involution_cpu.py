@@ -15,7 +15,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ._custom_ops import memory_format_of
+from ._custom_ops import memory_format_of, skipped
 
 # Fill outputs with NaN first (tests) so unwritten elements show up.
 POISON_OUTPUTS = os.environ.get("DYNCONV_POISON_OUTPUTS", "0") == "1"
@@ -83,7 +83,7 @@ def involution2d_cpu_backward(
     grad: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, kernel_size: Pair, stride: Pair, padding: Pair,
     dilation: Pair, groups: int, need_input: bool = True, need_kernel: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(grad_x, grad_kernel)``; a skipped one is an empty tensor."""
+    """Returns ``(grad_x, grad_kernel)``; a skipped one is a fresh empty tensor."""
     n, c, h, w = x.shape
     kh, kw = kernel_size
     ph, pw = padding
@@ -92,7 +92,7 @@ def involution2d_cpu_backward(
     grad = grad.to(x.dtype).contiguous()  # NCHW, as _padded_nchw says why
     xp = _padded_nchw(x, padding)
     acc_dtype = _acc_dtype(x.dtype)
-    grad_x = grad_k = x.new_empty(0)
+    grad_x, grad_k = skipped(x), skipped(x)
     gxp = torch.zeros(xp.shape, dtype=acc_dtype, device=x.device) if need_input else None
     if need_kernel:
         grad_k = torch.empty(kernel.shape, dtype=kernel.dtype, device=kernel.device)

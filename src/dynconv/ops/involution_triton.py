@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._custom_ops import skipped
 from .condconv_triton import SUPPORTED_DTYPES, Pair, _empty, _next_pow2, prefers_channels_last, tile_warps
 
 
@@ -207,13 +208,13 @@ def involution2d_backward(
     grad: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, kernel_size: Pair, stride: Pair, padding: Pair,
     dilation: Pair, groups: int, need_input: bool = True, need_kernel: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(grad_x, grad_kernel)``; a skipped one is an empty tensor."""
+    """Returns ``(grad_x, grad_kernel)``; a skipped one is a fresh empty tensor."""
     n, c, h, w = x.shape
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     ho, wo = kernel.shape[3], kernel.shape[4]
     cg = c // groups
     grad = grad.to(x.dtype)
-    grad_x = grad_k = x.new_empty(0)
+    grad_x, grad_k = skipped(x), skipped(x)
     if x.numel() == 0 or grad.numel() == 0:  # nothing to launch
         return (torch.zeros_like(x) if need_input else grad_x, torch.zeros_like(kernel) if need_kernel else grad_k)
     if need_input:
