@@ -41,7 +41,7 @@ def test_writer_failing_midway_leaves_previous_checkpoint(tmp_path, monkeypatch)
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt.torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ckpt.CheckpointError, match="disk full"):
         _save(tmp_path, 2, value=2.0)
     monkeypatch.undo()
     assert ckpt.latest_checkpoint(tmp_path) == good

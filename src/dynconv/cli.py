@@ -91,6 +91,8 @@ examples:
         "replace the matching nn.Conv2d layers by SwitchedConv2d or CondConv2d layers computing the same "
         "function, check the outputs on a random input (prints the max difference) and write a new "
         "checkpoint directory that records the conversion, so loading it rebuilds the converted model. "
+        "OUT must be new or empty and outside the source's run directory; nothing there is ever deleted "
+        "(--overwrite replaces only a previous convert output, which carries a .dynconv-convert marker). "
         "Train on from it with `dynconv train CONFIG --set model.init=OUT`.",
         epilog="""\
 examples:
@@ -106,7 +108,10 @@ examples:
     p.add_argument("--selector", default="conv1x1", help="switched selector: conv1x1 | lambda (default conv1x1)")
     p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="another layer option (YAML value), e.g. --option routing=soft")
-    p.add_argument("-o", "--out", type=Path, required=True, help="output checkpoint directory")
+    p.add_argument("-o", "--out", type=Path, required=True,
+                   help="output checkpoint directory: new or empty (never inside the source's run directory)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it is a previous `dynconv convert` output (nothing else is ever replaced)")
     p.add_argument("--seed", type=int, default=0, help="seed of the new layers' initialisation (default 0)")
 
     p = sub.add_parser(
@@ -189,7 +194,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     if trainer.is_main:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
-        print(f"done: step {result.step}/{result.total_steps}; {metrics or 'no eval'}; checkpoint {result.checkpoint}")
+        if trainer.resumed_from is not None and result.checkpoint == trainer.resumed_from:
+            print(f"nothing to do: {run_dir} is already at step {result.step}/{result.total_steps} "
+                  f"(checkpoint {result.checkpoint}); train longer with --set train.steps=N")
+        else:
+            print(f"done: step {result.step}/{result.total_steps}; {metrics or 'no eval'}; checkpoint {result.checkpoint}")
     return EXIT_OK
 
 
@@ -242,6 +251,27 @@ def _outputs(model, x):
     return out
 
 
+def _check_convert_out(out: Path, sources: list[Path], *, overwrite: bool) -> None:
+    """Refuse an ``-o`` equal to or inside the source checkpoint or its run directory, or one
+    that holds anything but a previous convert output (see ``checkpoint.check_output_dir``)."""
+    from .train import checkpoint as ckpt
+
+    target = out.resolve()
+    protected = set()
+    for source in sources:
+        source = source.resolve()
+        protected.add(source)
+        if source.parent.name == "checkpoints":  # RUN/checkpoints/step_N: protect RUN too
+            protected.add(source.parent.parent)
+    for root in sorted(protected):
+        if target == root or root in target.parents:
+            raise ckpt.CheckpointError(f"-o {out} is {'the' if target == root else 'inside the'} source {root}; "
+                                       "convert never writes into its source: choose another output directory")
+        if target in root.parents:
+            raise ckpt.CheckpointError(f"-o {out} contains the source {root}; choose another output directory")
+    ckpt.check_output_dir(out, overwrite=overwrite)
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     import torch
     import yaml
@@ -252,6 +282,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .train.trainer import apply_conversion, conversion_record, load_checkpoint_model
 
     source = ckpt.resolve_checkpoint(args.checkpoint)
+    try:  # before any work: never write into the source, nor over anything convert did not write
+        _check_convert_out(Path(args.out), [Path(args.checkpoint), source], overwrite=args.overwrite)
+    except ckpt.CheckpointError as error:
+        print(f"dynconv convert: {error}", file=sys.stderr)
+        return EXIT_USAGE
     model, config, meta = load_checkpoint_model(source)
     task = model_task(config.model.name)
     cfg = ConvertConfig(step=0, to=args.to, include=list(args.include), breadth=args.breadth, selector=args.selector,
@@ -273,8 +308,13 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     conversions = list(meta.get("conversions", [])) + [record]
     out_meta = {"step": meta.get("step"), "conversions": conversions, "source": str(source),
                 "model": config.model.name, "task": task, "max_output_difference": diff}
-    ckpt.save_weights_checkpoint(args.out, model_state=model.state_dict(), meta=out_meta,
-                                 config_yaml=yaml.safe_dump(config.to_dict(), sort_keys=False))
+    try:
+        ckpt.save_weights_checkpoint(args.out, model_state=model.state_dict(), meta=out_meta,
+                                     config_yaml=yaml.safe_dump(config.to_dict(), sort_keys=False),
+                                     overwrite=args.overwrite)
+    except ckpt.CheckpointError as error:
+        print(f"dynconv convert: {error}", file=sys.stderr)
+        return EXIT_ERROR
     print(f"converted {len(record['converted'])} conv(s) of {config.model.name} to {args.to} "
           f"(breadth {args.breadth}): {', '.join(record['converted'])}")
     print(f"max |output difference| on a random input: {diff:.3g}")
@@ -300,7 +340,7 @@ def load_image(path: Path):
 def _cmd_viz(args: argparse.Namespace) -> int:
     import torch
 
-    from .insight import routing_stats, switched_layers
+    from .insight import switched_layers
     from .models import model_task
     from .train import checkpoint as ckpt
     from .train.trainer import load_checkpoint_model
@@ -328,10 +368,21 @@ def _cmd_viz(args: argparse.Namespace) -> int:
             h, w = image.shape[1:]
             image = image[:, : h - h % 4, : w - w % 4]
         written += save_selector_maps(model, image[None], out / Path(path).stem)
-    stats = {name: {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
-             for name, s in routing_stats(model).items()}
-    (out / "routing.json").write_text(json.dumps({"checkpoint": str(source), "step": meta.get("step"), "layers": stats}, indent=2))
-    print(f"wrote {len(written)} PNGs and routing.json to {out} (checkpoint {source})")
+    # the usage counters are not part of the weights: report what the checkpoint recorded
+    # when it was saved (Trainer.save), never the freshly built model's defaults
+    recorded = meta.get("routing")
+    report: dict[str, Any] = {"checkpoint": str(source), "step": meta.get("step")}
+    if isinstance(recorded, dict) and isinstance(recorded.get("layers"), dict):
+        report.update(recorded=True, recorded_at_step=recorded.get("step"), layers=recorded["layers"])
+        said = f"routing statistics recorded at step {recorded.get('step')}"
+    else:
+        note = ("this checkpoint records no routing statistics (it was written by dynconv convert, whose new "
+                "layers have not been trained, or by an older dynconv): expert usage and entropy during training "
+                "are unknown; the PNGs show the routing on the given images only")
+        report.update(recorded=False, note=note, layers={})
+        said = "no routing statistics recorded in this checkpoint"
+    (out / "routing.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {len(written)} PNGs and routing.json to {out} (checkpoint {source}; {said})")
     return EXIT_OK
 
 
@@ -343,7 +394,7 @@ def _info_model(source: Path, overrides: list[str]) -> tuple[Any, Any, Path | No
     from .train import checkpoint as ckpt
     from .train.trainer import build_model, check_config, config_of_checkpoint, load_checkpoint_model
 
-    if source.is_file() and source.name not in (ckpt.MODEL_FILE, ckpt.META_FILE, ckpt.STATE_FILE):
+    if source.is_file() and source.name not in (ckpt.MODEL_FILE, ckpt.META_FILE, ckpt.STATE_FILE, ckpt.EMA_FILE):
         config = load_config(source, overrides)
         check_config(config, training=False)
         return build_model(config), config, None, {}
@@ -353,7 +404,10 @@ def _info_model(source: Path, overrides: list[str]) -> tuple[Any, Any, Path | No
     try:
         checkpoint = ckpt.resolve_checkpoint(source)
     except ckpt.CheckpointError:
-        if not has_config:
+        # only a run without any checkpoint yet falls back to its config; a damaged one is reported
+        has_checkpoints = any((source / name).exists() for name in (ckpt.META_FILE, ckpt.MODEL_FILE)) or any(
+            (source / "checkpoints").glob("step_*"))
+        if not has_config or has_checkpoints:
             raise
         config = load_config(source, overrides)
         check_config(config, training=False)

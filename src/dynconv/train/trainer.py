@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -471,10 +472,16 @@ class Trainer:
 
         set_seed(config.train.seed)
         resume_from = None
+        self.skipped_checkpoints: list[tuple[Path, str]] = []  # damaged newer checkpoints resume passed over
         if resume:
-            resume_from = ckpt.latest_checkpoint(self.ckpt_dir)
+            resume_from, self.skipped_checkpoints = ckpt.newest_intact_checkpoint(self.ckpt_dir)
             if resume_from is None:
-                raise ckpt.CheckpointError(f"--resume: no complete checkpoint in {self.ckpt_dir}")
+                why = "".join(f"; skipped {p.name}: {reason}" for p, reason in self.skipped_checkpoints)
+                raise ckpt.CheckpointError(f"--resume: no complete checkpoint in {self.ckpt_dir}{why}")
+            if self.is_main:
+                for path, reason in self.skipped_checkpoints:
+                    print(f"dynconv: resume skips the damaged checkpoint {path.name}: {reason}; resuming from "
+                          f"{resume_from.name}", file=sys.stderr, flush=True)
         # -- model (conversion records first, so the architecture matches the weights)
         init_weights = None
         if resume_from is not None:
@@ -647,12 +654,16 @@ class Trainer:
         if self.is_main:
             meta = {"conversions": self.conversions, "metrics": self.last_metrics, "reason": reason,
                     "model": self.config.model.name, "task": self.task, "epoch": position[0],
-                    "total_steps": self.total_steps}
+                    "total_steps": self.total_steps,
+                    # what `dynconv viz` reports: the usage counters are not part of the weights
+                    "routing": {"step": self.step, "layers": self._routing_stats()}}
+            import yaml
+
             path = ckpt.save_checkpoint(
                 self.ckpt_dir, self.step, model_state=self.raw.state_dict(), state=state, meta=meta,
                 ema_state=self.ema.state_dict() if self.ema is not None else None,
+                text_files={ckpt.CONFIG_FILE: yaml.safe_dump(self.config.to_dict(), sort_keys=False)},
             )
-            save_config(self.config, path / "config.yaml")
             ckpt.prune_checkpoints(self.ckpt_dir, self.config.log.keep_last)
             self.logger.event("checkpoint", self.step, path=str(path), reason=reason)
         self._last_saved_step = self.step
@@ -792,12 +803,15 @@ class Trainer:
             log.event("start", self.step, total_steps=self.total_steps, world_size=self.world, device=str(self.device),
                       precision=cfg.train.precision, config=cfg.to_dict(), **cost)
         else:
+            for path, reason in getattr(self, "skipped_checkpoints", []):
+                log.event("skipped_checkpoint", self.step, checkpoint=str(path), reason=reason)
             log.event("resume", self.step, checkpoint=str(self.resumed_from), world_size=self.world, **cost)
         if getattr(self, "_resume_scaler", None) and acc.scaler is not None:
             acc.scaler.load_state_dict(self._resume_scaler)
         global_batch = cfg.train.batch_size * cfg.train.accumulate * self.world
         stream = self._micro_batches()
-        result = FitResult(step=self.step, total_steps=self.total_steps)
+        # a resumed run that has nothing left to do reports the checkpoint it resumed from
+        result = FitResult(step=self.step, total_steps=self.total_steps, checkpoint=self.resumed_from)
         window_loss, window_terms, window_steps, window_start = 0.0, {}, 0, time.perf_counter()
         position = (self.epoch, self.batch_in_epoch)
         try:
