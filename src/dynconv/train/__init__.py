@@ -1,7 +1,14 @@
 """Training engine: :class:`Trainer` (HF Accelerate; exact resume, staged conversion,
 atomic checkpoints, JSONL/TensorBoard logging) and :func:`evaluate`. See ``docs/training.md``."""
 
-from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, resolve_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    newest_intact_checkpoint,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
 from .trainer import (
     METRICS,
     FitResult,
@@ -27,5 +34,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "resolve_checkpoint",
+    "verify_checkpoint",
+    "newest_intact_checkpoint",
     "METRICS",
 ]
