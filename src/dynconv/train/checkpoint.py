@@ -37,7 +37,7 @@ import struct
 import uuid
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
