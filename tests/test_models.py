@@ -266,3 +266,29 @@ def test_match_flops_within_ten_percent():
     assert match_flops("sr_plain", target, 2, lr_size=16, multiple=1)["channels"] == 16
     with pytest.raises(ValueError, match="super-resolution"):
         match_flops("vqvae", target)
+
+
+def test_rrdb_x2_accepts_odd_lr_sizes():
+    from dynconv.models import build_model
+
+    model = build_model("rrdb", scale=2, channels=8, num_blocks=1, growth_channels=4)
+    for h, w in ((7, 9), (8, 10), (5, 6)):
+        assert model(torch.rand(1, 3, h, w)).shape == (1, 3, 2 * h, 2 * w)
+
+
+def test_sr_switched_layers_with_three_selector_channels_route_by_the_lr_image():
+    import dynconv
+    from dynconv.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("sr_plain", channels=8, num_layers=4)
+    lr = torch.rand(2, 3, 10, 10)
+    before = model(lr)
+    dynconv.convert(model, to="switched", include=["body.*.conv"], breadth=4, selector_channels=3)
+    assert torch.allclose(model(lr), before, atol=1e-5)  # copies of the kernel: output unchanged
+    seen = []
+    layer = model.body[0].conv
+    layer.selector.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    model(lr)
+    assert seen and seen[0].shape[1] == 3
+    assert torch.allclose(seen[0], lr - 0.5)  # the centred LR image, not the layer's input

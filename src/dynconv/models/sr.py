@@ -36,8 +36,20 @@ class ConvReLU(nn.Module):
         super().__init__()
         self.conv = conv
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        if image is not None and _sees_image(self.conv, image):
+            return F.relu(self.conv(x, selector_input=image))
         return F.relu(self.conv(x))
+
+
+def _sees_image(conv: nn.Module, image: torch.Tensor) -> bool:
+    """A switched hidden layer whose selector takes as many channels as the LR image (and not
+    its own input's) routes by the image: ``selector_channels: 3`` in the layer options or
+    in ``convert``'s options. The author's open question: should selectors see the image?"""
+    from ..nn import SwitchedConv2d
+
+    return (isinstance(conv, SwitchedConv2d) and conv.selector_channels == image.shape[1]
+            and conv.selector_channels != conv.in_channels)
 
 
 class SRNet(nn.Module):
@@ -46,6 +58,8 @@ class SRNet(nn.Module):
     (``F.interpolate(lr, scale_factor=s, mode='bicubic')``) added to the output, so the net
     learns the residual over bicubic. The input is centred (``lr - 0.5``) and the last conv
     starts small (x0.1, zero bias), so an untrained net is close to bicubic and trains fast.
+    A switched hidden layer with ``selector_channels=3`` routes by the (centred) LR image
+    instead of its own input.
     """
 
     def __init__(
@@ -73,8 +87,10 @@ class SRNet(nn.Module):
         return list(self.body)
 
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.head(lr - 0.5))
-        x = self.body(x)
+        image = lr - 0.5
+        x = F.relu(self.head(image))
+        for layer in self.body:
+            x = layer(x, image)
         up = F.interpolate(lr, scale_factor=self.scale, mode="bicubic", align_corners=False)
         return up + self.shuffle(self.tail(x))
 
@@ -238,18 +254,25 @@ class RRDBNet(nn.Module):
         return list(self.body)
 
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
-        x = F.pixel_unshuffle(lr, self.unshuffle) if self.unshuffle > 1 else lr
+        h, w = lr.shape[-2:]
+        x = lr
+        if self.unshuffle > 1:  # x2 unshuffles the input: pad odd sizes (replicate), crop the output back
+            pad_h, pad_w = (-h) % self.unshuffle, (-w) % self.unshuffle
+            if pad_h or pad_w:
+                x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+            x = F.pixel_unshuffle(x, self.unshuffle)
         fea = self.conv_first(x)
         fea = fea + self.conv_body(self.body(fea))
         for step, conv in zip(self.steps, self.conv_up):
             fea = F.leaky_relu(conv(F.interpolate(fea, scale_factor=step, mode="nearest")), 0.2)
-        return self.conv_last(F.leaky_relu(self.conv_hr(fea), 0.2))
+        out = self.conv_last(F.leaky_relu(self.conv_hr(fea), 0.2))
+        return out[..., : h * self.scale, : w * self.scale]
 
 
 @register_model("rrdb", task="super_resolution")
 def rrdb(scale: int = 4, channels: int = 64, num_blocks: int = 23, growth_channels: int = 32) -> RRDBNet:
     """ESRGAN's RRDBNet (nf=64, nb=23, gc=32), the PSNR-oriented model; ``num_blocks`` smaller for tests.
-    x2 needs even LR sizes (pixel unshuffle)."""
+    Any LR size (x2 pads an odd size for its pixel unshuffle and crops the output back)."""
     return RRDBNet(scale, channels, num_blocks, growth_channels)
 
 
