@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM: stopped by SIGTERM after saving a checkpoint
 
 _FMT = argparse.RawDescriptionHelpFormatter
 
@@ -51,8 +53,9 @@ def _parser() -> argparse.ArgumentParser:
         "train", formatter_class=_FMT, help="train a model from a YAML config",
         description="Train a model from a YAML config. The config is validated (unknown keys, wrong types, "
         "bad values and unknown model/dataset/loss names fail before training, naming the key path); the "
-        "resolved config is saved as RUN_DIR/config.yaml. Ctrl-C saves a checkpoint at the end of the current "
-        "step; --resume continues exactly where a run stopped.",
+        "resolved config is saved as RUN_DIR/config.yaml. Ctrl-C (exit 130) or SIGTERM (exit 143) saves a "
+        "checkpoint at the end of the current step, as any error in training does; --resume continues exactly "
+        "where a run stopped. One run per directory: a second one into a RUN_DIR in use fails at once.",
         epilog="""\
 examples:
   dynconv train configs/sr_switched_x2.yaml
@@ -160,6 +163,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .train import Trainer, TrainingError
     from .train import checkpoint as ckpt
+    from .train.lock import RunDirLock
 
     if args.config is None and args.resume is None:
         print("dynconv train: give a CONFIG (or --resume RUN_DIR)", file=sys.stderr)
@@ -173,6 +177,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             return EXIT_USAGE
     else:
         run_dir = args.run_dir or Path("runs") / Path(config_path).stem
+    if os.environ.get("RANK", "0") in ("", "0"):  # other ranks' probes could race the main one's lock
+        RunDirLock(run_dir).check()  # a run in progress: name it (exit 1) before anything else
+    if args.resume is None:
         if ckpt.list_checkpoints(Path(run_dir) / "checkpoints"):
             print(f"dynconv train: {run_dir} already holds checkpoints; continue it with --resume {run_dir} "
                   "or choose another --run-dir", file=sys.stderr)
@@ -189,9 +196,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     if result.interrupted:
         if trainer.is_main:
-            print(f"interrupted at step {result.step}; checkpoint {result.checkpoint}; "
+            by = f" by {result.signal}" if result.signal else ""
+            print(f"interrupted{by} at step {result.step}; checkpoint {result.checkpoint}; "
                   f"continue with: dynconv train --resume {run_dir}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if result.signal == "SIGTERM" else EXIT_INTERRUPTED
     if trainer.is_main:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
         if trainer.resumed_from is not None and result.checkpoint == trainer.resumed_from:
@@ -218,16 +226,55 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class UsageError(Exception):
+    """A command-line argument is wrong: main() prints the message and exits with status 2."""
+
+
 def _parse_options(items: list[str]) -> dict:
-    import yaml
+    from .config import ConfigError, parse_yaml
 
     options = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--option must look like key=value, got {item!r}")
-        options[key] = yaml.safe_load(value)
+            raise UsageError(f"--option must look like key=value, got {item!r}")
+        try:
+            options[key] = parse_yaml(value, key)
+        except ConfigError as error:
+            raise UsageError(f"--option {error}") from None
     return options
+
+
+def _check_convert_options(args: argparse.Namespace) -> None:
+    """--breadth, --selector and --option checked before any work, naming the flag, the
+    value and what is accepted."""
+    from .config import ConvertConfig
+    from .convert import LayerOptionError, check_layer_kwargs
+
+    cfg = ConvertConfig(step=0, to=args.to, breadth=args.breadth, selector=args.selector,
+                        options=_parse_options(args.options))
+    try:
+        check_layer_kwargs(args.to, cfg.layer_kwargs())
+    except LayerOptionError as error:
+        flag = {"breadth": "--breadth", "num_experts": "--breadth", "selector": "--selector"}.get(error.key)
+        raise UsageError(f"{flag or f'--option {error.key}'}: {error}") from None
+
+
+def _check_image_files(paths: list[Path]) -> None:
+    """Every IMAGE argument must be a file Pillow can decode (before the model is loaded)."""
+    from PIL import Image
+
+    for path in paths:
+        if path.is_dir():
+            raise UsageError(f"IMAGE {path} is a directory; expected an image file (PNG, JPEG, ...)")
+        if not path.is_file():
+            raise UsageError(f"IMAGE {path} does not exist")
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except (OSError, SyntaxError, ValueError) as error:
+            raise UsageError(f"IMAGE {path} is not an image file Pillow can read ({error}); "
+                             f"expected PNG, JPEG, BMP, TIFF, WebP, ...") from None
 
 
 def example_input(model, config, task: str):
@@ -281,6 +328,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .train import checkpoint as ckpt
     from .train.trainer import apply_conversion, conversion_record, load_checkpoint_model
 
+    _check_convert_options(args)
     source = ckpt.resolve_checkpoint(args.checkpoint)
     try:  # before any work: never write into the source, nor over anything convert did not write
         _check_convert_out(Path(args.out), [Path(args.checkpoint), source], overwrite=args.overwrite)
@@ -327,13 +375,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def load_image(path: Path):
-    """An image file as float32 (3, H, W) in [0, 1]."""
-    import numpy as np
+    """An image file as float32 (3, H, W) in [0, 1] (16-bit images at full precision)."""
     import torch
     from PIL import Image
 
+    from .data.images import rgb_float
+
     with Image.open(path) as img:
-        array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+        array = rgb_float(img)
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
@@ -346,6 +395,7 @@ def _cmd_viz(args: argparse.Namespace) -> int:
     from .train.trainer import load_checkpoint_model
     from .viz import save_selector_maps
 
+    _check_image_files(args.images)
     source = ckpt.resolve_checkpoint(args.checkpoint or args.run)
     model, config, meta = load_checkpoint_model(source)
     model.eval()
@@ -497,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     from .config import ConfigError
+    from .data.registry import DatasetError
+    from .train.checkpoint import CheckpointError
+    from .train.lock import RunDirLockedError
 
     handlers = {"train": _cmd_train, "eval": _cmd_eval, "convert": _cmd_convert, "viz": _cmd_viz,
                 "info": _cmd_info}
@@ -505,11 +558,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"dynconv {args.command}: config error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
-        if type(error).__name__ in ("CheckpointError", "DatasetError", "FileNotFoundError"):
-            print(f"dynconv {args.command}: {error}", file=sys.stderr)
-            return EXIT_ERROR
-        raise
+    except UsageError as error:
+        print(f"dynconv {args.command}: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except (CheckpointError, DatasetError, RunDirLockedError, FileNotFoundError) as error:
+        print(f"dynconv {args.command}: {error}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def run() -> None:  # console-script wrapper

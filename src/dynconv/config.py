@@ -7,6 +7,7 @@ Unknown keys, wrong types and bad values raise :class:`ConfigError` naming the k
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,35 @@ class ConfigError(ValueError):
     def __init__(self, path: str, message: str) -> None:
         super().__init__(f"{path or '<config>'}: {message}")
         self.path = path
+
+
+# ------------------------------------------------------------------------------- YAML
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that also reads ``1e-3`` / ``1e3`` as numbers: PyYAML follows YAML 1.1,
+    whose floats need a dot, so ``--set optim.lr=1e-3`` would otherwise be a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line: what is wrong and where (line/column, 1-based)."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else str(problem)
+
+
+def parse_yaml(text: str, where: str = "") -> Any:
+    """Parse YAML (``1e-3`` is a number); malformed text raises :class:`ConfigError` naming
+    ``where`` (a key path or a file) and the problem, in one line."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as error:
+        raise ConfigError(where, f"malformed YAML: {_yaml_problem(error)}") from None
 
 
 # ---------------------------------------------------------------------------- sections
@@ -266,6 +296,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(path, f"expected true or false, got {value!r}")
         return value
     if tp is int:
+        if isinstance(value, float) and value.is_integer():  # 1e3 (YAML reads a float)
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(path, f"expected an integer, got {type(value).__name__} {value!r}")
         return value
@@ -327,7 +359,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise ConfigError(".".join(parts[: i + 1]), f"cannot set {key!r}: this key holds {child!r}, not a mapping")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        node[parts[-1]] = parse_yaml(raw, key) if raw != "" else ""
     return data
 
 
@@ -345,8 +377,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         path = path / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    data = parse_yaml(path.read_text(), str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError("", f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return config_from_dict(data, overrides)

@@ -4,9 +4,12 @@ without changing the model's function (the first step of staged training)."""
 from __future__ import annotations
 
 import fnmatch
+import inspect
+import re
 import warnings
 from typing import Callable, Iterable, Union
 
+import torch
 from torch import nn
 
 from ._checks import choice
@@ -85,3 +88,44 @@ def convert(model: nn.Module, to: str = "switched", include: Include = None, **l
         listed = ", ".join(f"{n} ({r})" for n, r in result.skipped.items())
         warnings.warn(f"convert(to={to!r}) skipped: {listed}", UserWarning, stacklevel=2)
     return result
+
+
+class LayerOptionError(ValueError):
+    """A conversion's layer option is unknown or has a bad value; ``key`` names it."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+# the arguments from_conv takes from the conv itself, not from the caller
+_FROM_CONV = {"self", "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+              "bias", "device", "dtype"}
+
+
+def layer_options(to: str) -> list[str]:
+    """The keyword options a conversion ``to`` accepts (``convert(..., **options)``)."""
+    choice(to, "to", TARGETS)
+    cls = SwitchedConv2d if to == "switched" else CondConv2d
+    names = [*inspect.signature(cls.from_conv).parameters, *inspect.signature(cls.__init__).parameters]
+    return [n for n in dict.fromkeys(names) if n not in _FROM_CONV and n not in ("cls", "conv", "kwargs")]
+
+
+def check_layer_kwargs(to: str, layer_kwargs: dict) -> None:
+    """Check conversion options before any model is touched: build one converted layer from
+    a small conv on the meta device. Raises :class:`LayerOptionError` naming the option,
+    the value and what is accepted."""
+    accepted = layer_options(to)
+    for key in layer_kwargs:
+        if key not in accepted:
+            raise LayerOptionError(key, f"unknown {to} layer option {key!r}; accepted: {accepted}")
+    factory = SwitchedConv2d.from_conv if to == "switched" else CondConv2d.from_conv
+    try:
+        with torch.device("meta"):
+            factory(nn.Conv2d(8, 8, 3, padding=1), **layer_kwargs)
+    except (ValueError, TypeError) as error:
+        named = [k for k in layer_kwargs if re.search(rf"\b{re.escape(k)}\b", str(error))]
+        key = named[0] if named else next(iter(layer_kwargs), "")
+        raise LayerOptionError(key, str(error)) from None
+    except (RuntimeError, NotImplementedError):  # not buildable on the meta device: checked when converting
+        pass

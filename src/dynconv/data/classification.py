@@ -16,7 +16,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .augment import crop_flip
-from .images import IMAGE_EXTENSIONS, ImageRef, TarIndex, check_on_bad_file, image_to_tensor, is_archive
+from .images import (IMAGE_EXTENSIONS, ImageRef, TarIndex, check_on_bad_file, image_to_tensor, is_archive, warn_skip_count,
+                     warn_skipped)
 from .registry import DatasetError, EpochMixin, register_dataset
 
 __all__ = ["ClassificationDataset", "Cifar10", "ImageFolder", "CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -224,14 +225,16 @@ class ImageFolder(ClassificationDataset):
             for i, ref in enumerate(self.refs):
                 try:
                     img = self._decode(ref)
-                except DatasetError:
+                except DatasetError as error:
                     if on_bad_file == "error":
                         raise
                     self.skipped += 1
+                    warn_skipped(ref.source, error)
                     continue
                 keep.append(i)
                 if preload:
                     decoded.append(img)
+            warn_skip_count(self.skipped, len(self.refs), f"{where} ({split})")
             self.refs = [self.refs[i] for i in keep]
             self.labels = [self.labels[i] for i in keep]
             if preload:

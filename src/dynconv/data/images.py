@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,7 +20,8 @@ import torch
 
 from .registry import DatasetError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageRef", "decode_image", "image_to_tensor", "list_image_files", "TarIndex", "check_on_bad_file"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageRef", "decode_image", "image_to_tensor", "list_image_files", "TarIndex", "check_on_bad_file",
+           "rgb_float", "rgb_uint8", "warn_skipped"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 OnBadFile = Literal["error", "skip"]
@@ -29,6 +31,44 @@ def check_on_bad_file(value: str) -> str:
     if value not in ("error", "skip"):
         raise ValueError(f"on_bad_file must be 'error' or 'skip', got {value!r}")
     return value
+
+
+def warn_skipped(source: str, reason: object) -> None:
+    """``on_bad_file='skip'``: say which file is left out and why (never silently)."""
+    why = str(reason) if source in str(reason) else f"{source}: {reason}"
+    warnings.warn(f"data.on_bad_file=skip: skipped {why}", UserWarning, stacklevel=3)
+
+
+def warn_skip_count(skipped: int, total: int, where: str) -> None:
+    if skipped:
+        warnings.warn(f"data.on_bad_file=skip: skipped {skipped} of {total} image file(s) in {where}", UserWarning, stacklevel=3)
+
+
+# Integer modes Pillow decodes >8-bit greyscale to (16-bit PNG / TIFF): values up to 65535.
+# ``Image.convert('RGB')`` clips them at 255, turning a 16-bit image almost white.
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_WIDE_MAX = 65535.0
+
+
+def rgb_float(image) -> np.ndarray:
+    """A PIL image as float32 ``(H, W, 3)`` RGB in [0, 1], 16-bit images at full precision."""
+    if image.mode in _WIDE_MODES:
+        grey = np.clip(np.asarray(image, dtype=np.float64) / _WIDE_MAX, 0.0, 1.0).astype(np.float32)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image, dtype=np.float32) / 255.0
+
+
+def rgb_uint8(image) -> np.ndarray:
+    """A PIL image as a writable uint8 ``(H, W, 3)`` RGB array; 16-bit images are scaled to
+    8 bits (``round(v / 257)``), not clipped."""
+    if image.mode in _WIDE_MODES:
+        grey = np.rint(np.clip(np.asarray(image, dtype=np.float64), 0.0, _WIDE_MAX) / 257.0).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.array(image, dtype=np.uint8)  # a writable copy
 
 
 def is_archive(path: Path) -> bool:
@@ -47,14 +87,26 @@ def decode_image(data: bytes | Path, source: str) -> np.ndarray:
         stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else open(data, "rb")
         with stream, Image.open(stream) as image:
             image.load()
-            if image.mode != "RGB":
-                image = image.convert("RGB")
-            array = np.array(image, dtype=np.uint8)  # a writable copy
+            array = rgb_uint8(image)
     except (OSError, SyntaxError, ValueError) as exc:  # PIL raises these for bad/truncated data
         raise DatasetError(f"cannot decode image file {source}: {exc}") from exc
     if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) < 1:
         raise DatasetError(f"image file {source} decoded to shape {array.shape}, expected (H, W, 3)")
     return array
+
+
+def image_size(data: bytes | Path, source: str) -> tuple[int, int]:
+    """``(H, W)`` of an image file from its header (no decoding); raises
+    :class:`DatasetError` naming ``source`` if it is not an image."""
+    from PIL import Image
+
+    try:
+        stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else open(data, "rb")
+        with stream, Image.open(stream) as image:
+            width, height = image.size
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DatasetError(f"cannot read image file {source}: {exc}") from exc
+    return height, width
 
 
 def image_to_tensor(array: np.ndarray) -> torch.Tensor:
@@ -86,6 +138,10 @@ class ImageRef:
 
     def decode(self) -> np.ndarray:
         return decode_image(self.read(), self.source)
+
+    def size(self) -> tuple[int, int]:
+        """``(H, W)`` from the file header, without decoding."""
+        return image_size(self.read(), self.source)
 
 
 class TarIndex:

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from .augment import dihedral, randint, random_sr_crop
 from .bicubic import bicubic_resize
-from .images import IMAGE_EXTENSIONS, ImageRef, check_on_bad_file, image_to_tensor, list_image_files
+from .images import IMAGE_EXTENSIONS, ImageRef, check_on_bad_file, image_to_tensor, list_image_files, warn_skip_count, warn_skipped
 from .registry import DatasetError, EpochMixin, register_dataset
 from .skimage_photos import skimage_photo_names, skimage_photo_path
 
@@ -87,20 +87,25 @@ class SRDataset(EpochMixin, Dataset):
             for ref in self.refs:
                 try:
                     pair = self._make_pair(ref)
-                except DatasetError:
+                except DatasetError as error:
                     if on_bad_file == "error":
                         raise
                     self.skipped += 1
+                    warn_skipped(ref.source, error)
                     continue
                 kept.append(ref)
                 if cache:
                     self._pairs[len(kept) - 1] = pair
+            warn_skip_count(self.skipped, len(self.refs), where)
             self.refs = kept
             if not self.refs:
                 raise DatasetError(f"every image in {where} is unreadable or too small ({self.skipped} skipped)")
 
     def _make_pair(self, ref: ImageRef) -> tuple[torch.Tensor, torch.Tensor]:
-        hr = modcrop(image_to_tensor(ref.decode()), self.scale)
+        hr = image_to_tensor(ref.decode())
+        if min(hr.shape[-2:]) < self.scale:
+            raise DatasetError(f"image {ref.source} is {hr.shape[-2]}x{hr.shape[-1]}, smaller than scale={self.scale}")
+        hr = modcrop(hr, self.scale)
         if self.patch_size is not None and min(hr.shape[-2:]) < self.patch_size:
             raise DatasetError(f"image {ref.source} is {tuple(hr.shape[-2:])} after modcrop, smaller than patch_size={self.patch_size}")
         return make_lr(hr, self.scale), hr.contiguous()
@@ -110,6 +115,20 @@ class SRDataset(EpochMixin, Dataset):
         if image_index in self._pairs:
             return self._pairs[image_index]
         return self._make_pair(self.refs[image_index])
+
+    def hr_sizes(self) -> list[tuple[str, tuple[int, int]]]:
+        """``(source, (H, W))`` of every image's HR version (cropped to a multiple of
+        ``scale``): from the cache, else from the file header (no decoding), so a trainer can
+        check every item's size before the first step."""
+        sizes = []
+        for i, ref in enumerate(self.refs):
+            if i in self._pairs:
+                h, w = self._pairs[i][1].shape[-2:]
+            else:
+                h, w = ref.size()
+                h, w = h - h % self.scale, w - w % self.scale
+            sizes.append((ref.source, (int(h), int(w))))
+        return sizes
 
     @property
     def names(self) -> list[str]:

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
+import socket
+import subprocess
+import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +32,93 @@ def _plain(value: Any) -> Any:
     return value
 
 
+# ------------------------------------------------------------------------- log.jsonl readers
+def read_log(path: str | Path) -> list[dict[str, Any]]:
+    """The records of ``log.jsonl`` (a file or a run directory) that describe the run's one
+    history: a run killed after its last checkpoint logged steps that the resumed run does
+    again, so a ``resume`` record with ``discarded_after: S`` drops the earlier records with
+    ``step > S``. The file itself keeps every line (nothing a user owns is rewritten)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "log.jsonl"
+    records: list[dict[str, Any]] = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if not isinstance(record, dict):
+            continue
+        after = record.get("discarded_after") if record.get("event") == "resume" else None
+        if isinstance(after, int):
+            records = [r for r in records if not (isinstance(r.get("step"), int) and r["step"] > after)]
+        records.append(record)
+    return records
+
+
+def count_records_after(path: Path, step: int) -> int:
+    """How many of the records ``read_log`` keeps have ``step > step`` (what a resume from
+    ``step`` supersedes); 0 when there is no log."""
+    try:
+        return sum(1 for r in read_log(path) if isinstance(r.get("step"), int) and r["step"] > step)
+    except OSError:
+        return 0
+
+
+# -------------------------------------------------------------------------------- run.json
+def _git_commit() -> tuple[str | None, bool | None]:
+    """``(commit, dirty)`` of the git checkout dynconv is imported from; ``(None, None)``
+    when it is not tracked in one (an installed package) or git is missing."""
+    package = Path(__file__).resolve().parents[1]
+    root = next((p for p in package.parents if (p / ".git").exists()), None)
+    if root is None:
+        return None, None
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10, env=env)
+
+    try:
+        if git("ls-files", "--error-unmatch", "--", str(package / "__init__.py")).returncode != 0:
+            return None, None  # e.g. installed into a virtual environment inside some checkout
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return None, None
+        status = git("status", "--porcelain", "--untracked-files=no")
+        return head.stdout.strip(), (bool(status.stdout.strip()) if status.returncode == 0 else None)
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def environment_record() -> dict[str, Any]:
+    """Versions and code revision a run was started with (written to ``run.json``)."""
+    from .. import __version__
+
+    commit, dirty = _git_commit()
+    return {"dynconv": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "git_commit": commit, "git_dirty": dirty}
+
+
+def record_run_start(run_dir: str | Path, event: str, step: int) -> dict[str, Any]:
+    """Update ``RUN_DIR/run.json``: the versions of this start (top level) and one entry per
+    start / resume in ``history``, so a result can be traced to the code that produced it."""
+    from .checkpoint import atomic_write_text
+
+    path = Path(run_dir) / "run.json"
+    try:
+        previous = json.loads(path.read_text())
+        history = list(previous.get("history", [])) if isinstance(previous, dict) else []
+    except (OSError, ValueError):
+        history = []
+    env = environment_record()
+    entry = {"event": event, "step": step,
+             "time": datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds"),
+             "pid": os.getpid(), "host": socket.gethostname(), "argv": list(sys.argv), **env}
+    record = {**env, "history": [*history, entry]}
+    atomic_write_text(path, json.dumps(record, indent=2))
+    return record
+
+
 class RunLogger:
     """``log.jsonl`` (one JSON object per line, ``{"event": ..., "step": ..., ...}``),
     TensorBoard under ``tb/`` and a progress bar showing loss, throughput and ETA."""
@@ -41,6 +134,11 @@ class RunLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.run_dir / "log.jsonl", "a", buffering=1)
+        if self._jsonl.tell() > 0:  # a killed writer may have left half a line: end it
+            with open(self.run_dir / "log.jsonl", "rb") as existing:
+                existing.seek(-1, os.SEEK_END)
+                if existing.read(1) != b"\n":
+                    self._jsonl.write("\n")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

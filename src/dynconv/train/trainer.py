@@ -29,7 +29,8 @@ from ..config import Config, ConfigError, ConvertConfig, load_config, save_confi
 from . import checkpoint as ckpt
 from .ema import EMA
 from .grad_checkpoint import enable_block_checkpointing
-from .logging import RunLogger
+from .lock import RunDirLock
+from .logging import RunLogger, count_records_after, record_run_start
 from .schedule import set_lr
 
 TASK_INPUT = {"classification": "image", "super_resolution": "lr", "reconstruction": "image"}
@@ -64,6 +65,7 @@ class FitResult:
     checkpoint: Path | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     best: dict[str, Any] | None = None
+    signal: str | None = None  # 'SIGINT' or 'SIGTERM' when a signal interrupted the run
 
 
 # ---------------------------------------------------------------------------- registries
@@ -89,6 +91,7 @@ def check_config(config: Config, *, training: bool = True) -> str:
     for key in config.model.options:
         if key not in accepted:
             raise ConfigError(f"model.options.{key}", f"unknown option of model {config.model.name!r}; expected one of {sorted(accepted)}")
+    _check_model_values(config)
     task = models.model_task(config.model.name)
     if config.data.name not in data.DATASETS:
         raise ConfigError("data.name", f"unknown dataset {config.data.name!r}; expected one of {sorted(data.DATASETS)}")
@@ -133,12 +136,57 @@ def check_config(config: Config, *, training: bool = True) -> str:
         raise ConfigError("train.device", "cuda requested but torch.cuda.is_available() is False; use auto or cpu")
     if config.convert is not None and config.train.steps is not None and config.convert.step > config.train.steps:
         raise ConfigError("convert.step", f"expected a step <= train.steps ({config.train.steps}), got {config.convert.step}")
+    if config.convert is not None:
+        from ..convert import LayerOptionError, check_layer_kwargs
+
+        try:
+            check_layer_kwargs(config.convert.to, config.convert.layer_kwargs())
+        except LayerOptionError as error:
+            key = {"breadth": "breadth", "num_experts": "breadth", "selector": "selector"}.get(error.key)
+            raise ConfigError(f"convert.{key}" if key else f"convert.options.{error.key}", str(error)) from None
     if config.model.init is not None and training:
         try:
             ckpt.resolve_checkpoint(config.model.init)
         except ckpt.CheckpointError as error:
             raise ConfigError("model.init", str(error)) from None
     return task
+
+
+def _check_model_values(config: Config) -> None:
+    """Build the model on the meta device (no memory, no compute) so bad option values,
+    nested ones included (``model.options.layer.breadth=0``), fail with the config check,
+    naming the key path, instead of as a traceback when the trainer builds the model."""
+    from ..models import build_model as build
+
+    options = config.model.options
+    try:
+        with torch.device("meta"):
+            build(config.model.name, **copy.deepcopy(options))
+    except (ValueError, TypeError) as error:
+        raise ConfigError(_option_path(options, str(error)), str(error)) from None
+    except (RuntimeError, NotImplementedError):  # not buildable on the meta device: built later for real
+        pass
+
+
+def _option_path(options: dict[str, Any], message: str) -> str:
+    """The key path of the model option an error message names (nested ones first)."""
+    import re
+
+    head = re.split(r"accepted|expected one of", message)[0]  # not the list of accepted names
+
+    def named(key: str) -> bool:
+        return re.search(rf"(?<![\w.]){re.escape(str(key))}(?![\w])", head) is not None
+
+    for key, value in options.items():
+        if isinstance(value, dict):
+            for sub in value:
+                if named(sub):
+                    return f"model.options.{key}.{sub}"
+    for key in options:
+        if named(key):
+            return f"model.options.{key}"
+    nested = [k for k, v in options.items() if isinstance(v, dict)]
+    return f"model.options.{nested[0]}" if len(nested) == 1 else "model.options"
 
 
 def _use_cpu(config: Config) -> bool:
@@ -447,6 +495,34 @@ class Trainer:
 
     def __init__(self, config: Config, run_dir: str | Path, *, resume: bool = False, mode: str = "train",
                  checkpoint: str | Path | None = None) -> None:
+        # A training run holds RUN_DIR's lock (main process) from before it reads or writes
+        # anything there until fit() ends (or close(), or garbage collection): a second run
+        # into the same directory fails at once with RunDirLockedError.
+        self._lock: RunDirLock | None = None
+        try:
+            self._setup(config, run_dir, resume=resume, mode=mode, checkpoint=checkpoint)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run directory's lock (fit() does at its end; idempotent)."""
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.release()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the OS releases the lock anyway
+            pass
+
+    def _acquire_lock(self) -> None:
+        if self.mode == "train" and self.is_main and self._lock is None:
+            self._lock = RunDirLock(self.run_dir).acquire()
+
+    def _setup(self, config: Config, run_dir: str | Path, *, resume: bool, mode: str,
+               checkpoint: str | Path | None) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
         self.mode = mode
@@ -456,6 +532,7 @@ class Trainer:
         self.device = acc.device
         self.rank, self.world = acc.process_index, acc.num_processes
         self.is_main = acc.is_main_process
+        self._acquire_lock()
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step = 0
         self.epoch = 0
@@ -463,6 +540,10 @@ class Trainer:
         self.best: dict[str, Any] | None = None
         self.last_metrics: dict[str, float] = {}
         self._interrupt = False
+        self._stop_signal: str | None = None
+        self._step_rng: dict[str, Any] | None = None
+        self._step_buffers: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._mid_step = False  # between the step's snapshot and its end: see _snapshot_step_start
         self._in_update = False
         self._last_saved_step: int | None = None
         self.logger = RunLogger(self.run_dir, enabled=False, tensorboard=False, progress=False, total_steps=0)
@@ -505,11 +586,13 @@ class Trainer:
         self.best_metric = config.eval.best_metric or self.metric_names[0]
         self.best_mode = config.eval.best_mode if config.eval.best_metric else METRICS[self.best_metric][1]
         self.eval_dataset = self._dataset(config.data.eval_split, config.data.eval_options)
+        self._check_items("eval", self.eval_dataset)
         if mode == "eval":
             self.ema = None
             return
         # -- data
         self.train_dataset = self._dataset(config.data.train_split, config.data.train_options)
+        self._check_items("train", self.train_dataset)
         self.train_loader = self._train_loader()
         self.batches_per_epoch = len(self.train_loader)
         if self.batches_per_epoch == 0:
@@ -530,6 +613,29 @@ class Trainer:
         self.resumed_from = resume_from
 
     # -- building ---------------------------------------------------------------------------
+    def _check_items(self, split: str, ds) -> None:
+        """Every image of an SR split must fit before the first step (a file that does not
+        would otherwise crash the run at its first evaluation, or mid-epoch): at least
+        ``scale`` (and the training ``patch_size``) pixels per side, and for ``psnr_y`` /
+        ``ssim_y``, which shave ``scale`` pixels at each border, more than ``2 * scale``.
+        Sizes come from the cache or the file headers. Raises DatasetError naming the file."""
+        if self.task != "super_resolution" or not hasattr(ds, "hr_sizes"):
+            return
+        from ..data import DatasetError
+
+        scale, patch = int(ds.scale), ds.patch_size
+        shaved = [m for m in self.metric_names if m in ("psnr_y", "ssim_y")] if split == "eval" else []
+        for source, (h, w) in ds.hr_sizes():
+            side = min(h, w) if patch is None else min(h, w, patch)
+            size = f"{h}x{w}" + (f" (cropped to a multiple of scale {scale})" if scale > 1 else "")
+            if min(h, w) < max(scale, patch or 0):
+                need = f"patch_size={patch}" if patch else f"scale={scale}"
+                raise DatasetError(f"{split} image {source} is {size}, smaller than {need}; remove it "
+                                   "or set data.on_bad_file=skip")
+            if shaved and side <= 2 * scale:
+                raise DatasetError(f"eval image {source} is {size}: {'/'.join(shaved)} shave {scale} pixels at each "
+                                   f"border and need more than {2 * scale} pixels per side; remove it from the eval set")
+
     def _dataset(self, split: str, split_options: dict):
         from ..data import DATASETS, build_dataset
 
@@ -626,8 +732,8 @@ class Trainer:
     def _optimizer(self) -> torch.optim.Optimizer:
         return getattr(self.optimizer, "optimizer", self.optimizer)
 
-    def _state(self, position: tuple[int, int], gather_rng: bool) -> dict[str, Any]:
-        rng = ckpt.rng_state()
+    def _state(self, position: tuple[int, int], gather_rng: bool, rng: dict[str, Any] | None = None) -> dict[str, Any]:
+        rng = ckpt.rng_state() if rng is None else rng
         if gather_rng and self.world > 1:
             rngs: list = [None] * self.world
             torch.distributed.all_gather_object(rngs, rng)
@@ -646,10 +752,12 @@ class Trainer:
             "buffers": ckpt.nonpersistent_buffers(self.raw),
         }
 
-    def save(self, position: tuple[int, int] | None = None, *, gather_rng: bool = True, reason: str = "periodic") -> Path | None:
-        """Write a checkpoint of the current step (main process; RNG states of every rank)."""
+    def save(self, position: tuple[int, int] | None = None, *, gather_rng: bool = True, reason: str = "periodic",
+             rng: dict[str, Any] | None = None) -> Path | None:
+        """Write a checkpoint of the current step (main process; RNG states of every rank).
+        ``rng``: this rank's RNG state to record (default: now), e.g. from the step's start."""
         position = position or (self.epoch, self.batch_in_epoch)
-        state = self._state(position, gather_rng)
+        state = self._state(position, gather_rng, rng)
         path = None
         if self.is_main:
             meta = {"conversions": self.conversions, "metrics": self.last_metrics, "reason": reason,
@@ -764,34 +872,50 @@ class Trainer:
             self.raw.train(was)
         return float(loss)
 
-    # -- SIGINT --------------------------------------------------------------------------------
+    # -- SIGINT / SIGTERM ------------------------------------------------------------------------
     @contextlib.contextmanager
     def _sigint(self):
+        """Ctrl-C and SIGTERM (what schedulers and ``timeout`` send before killing) both
+        finish the current step, save and stop; a second one stops at once."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = signal.getsignal(signal.SIGINT)
+        signals = (signal.SIGINT, signal.SIGTERM)
+        previous = {s: signal.getsignal(s) for s in signals}
 
         def handler(signum, frame):
-            if self._interrupt:  # second Ctrl-C: stop now
+            if self._interrupt:  # a second signal: stop now
                 raise KeyboardInterrupt
             self._interrupt = True
-            self.logger.write("interrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort)")
+            self._stop_signal = signal.Signals(signum).name
+            self.logger.write(f"{self._stop_signal}: finishing this step, then saving a checkpoint "
+                              "(send it again to stop at once)")
 
-        signal.signal(signal.SIGINT, handler)
+        for s in signals:
+            signal.signal(s, handler)
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for s in signals:
+                signal.signal(s, previous[s])
 
     # -- training loop -------------------------------------------------------------------------
     def fit(self, max_steps: int | None = None) -> FitResult:
         """Train to ``total_steps`` (or stop after step ``max_steps``, saving a checkpoint).
 
         Raises :class:`TrainingError` on a NaN/inf loss after saving a checkpoint of the
-        last good step. Ctrl-C saves a checkpoint at the end of the current step and returns
-        with ``interrupted=True``.
+        last good step. Ctrl-C or SIGTERM saves a checkpoint at the end of the current step
+        and returns with ``interrupted=True`` (``signal`` names it). Any other exception
+        saves the last completed step (unless it came during the weight update), then
+        propagates. The run directory's lock is released when fit returns or raises.
         """
+        self._acquire_lock()
+        try:
+            return self._fit(max_steps)
+        finally:
+            self.close()
+
+    def _fit(self, max_steps: int | None) -> FitResult:
         cfg = self.config
         acc = self.accelerator
         stop_at = self.total_steps if max_steps is None else min(max_steps, self.total_steps)
@@ -799,13 +923,22 @@ class Trainer:
                                 progress=cfg.log.progress, total_steps=self.total_steps, initial_step=self.step)
         log = self.logger
         cost = self._log_model_cost("model")
+        skipped = {split: n for split, ds in (("train", self.train_dataset), ("eval", self.eval_dataset))
+                   if (n := int(getattr(ds, "skipped", 0) or 0))}
+        extra = {"skipped_files": skipped} if skipped else {}
+        if self.is_main:
+            record_run_start(self.run_dir, "resume" if self.resumed_from is not None else "start", self.step)
         if self.resumed_from is None:
             log.event("start", self.step, total_steps=self.total_steps, world_size=self.world, device=str(self.device),
-                      precision=cfg.train.precision, config=cfg.to_dict(), **cost)
+                      precision=cfg.train.precision, config=cfg.to_dict(), **extra, **cost)
         else:
             for path, reason in getattr(self, "skipped_checkpoints", []):
                 log.event("skipped_checkpoint", self.step, checkpoint=str(path), reason=reason)
-            log.event("resume", self.step, checkpoint=str(self.resumed_from), world_size=self.world, **cost)
+            # records that a killed run wrote after this checkpoint are superseded: read_log
+            # drops the earlier records with step > discarded_after
+            superseded = count_records_after(self.run_dir / "log.jsonl", self.step) if self.is_main else 0
+            log.event("resume", self.step, checkpoint=str(self.resumed_from), world_size=self.world,
+                      discarded_after=self.step, superseded=superseded, **extra, **cost)
         if getattr(self, "_resume_scaler", None) and acc.scaler is not None:
             acc.scaler.load_state_dict(self._resume_scaler)
         global_batch = cfg.train.batch_size * cfg.train.accumulate * self.world
@@ -814,13 +947,17 @@ class Trainer:
         result = FitResult(step=self.step, total_steps=self.total_steps, checkpoint=self.resumed_from)
         window_loss, window_terms, window_steps, window_start = 0.0, {}, 0, time.perf_counter()
         position = (self.epoch, self.batch_in_epoch)
+        self._mid_step = False
         try:
             with self._sigint():
                 while self.step < stop_at:
                     position = (self.epoch, self.batch_in_epoch)
                     batch = next(stream)
                     if cfg.convert is not None and self.step >= cfg.convert.step and not self._converted_at_config():
+                        self._in_update = True  # a half-converted model is not a state to save
                         self.convert_now(batch)
+                        self._in_update = False
+                    self._snapshot_step_start()
                     lr = set_lr(self._optimizer(), cfg.schedule, self.step, self.total_steps)
                     self.model.train()
                     loss_sum = torch.zeros((), device=self.device)
@@ -858,13 +995,13 @@ class Trainer:
                     if self.ema is not None:
                         self.ema.update(self.raw)
                     position = (self.epoch, self.batch_in_epoch)
-                    self._in_update = False
+                    self._in_update = self._mid_step = False
                     window_loss += mean_loss
                     window_steps += 1
                     for k, v in term_sums.items():
                         window_terms[k] = window_terms.get(k, 0.0) + float(v) / cfg.train.accumulate
                     log.progress(1, loss=mean_loss, lr=lr)
-                    interrupted = float(flags[1]) > 0
+                    interrupted = float(flags[1]) > 0 or (self.world == 1 and self._interrupt)
                     # -- logging
                     if self.step % cfg.log.every == 0 or self.step == stop_at:
                         elapsed = time.perf_counter() - window_start
@@ -891,7 +1028,8 @@ class Trainer:
                             ckpt.prune_checkpoints(self.ckpt_dir, cfg.log.keep_last)
                     if interrupted:
                         result.interrupted = True
-                        log.event("interrupt", self.step, checkpoint=str(result.checkpoint))
+                        result.signal = self._stop_signal
+                        log.event("interrupt", self.step, checkpoint=str(result.checkpoint), signal=self._stop_signal)
                         log.write(f"interrupted: saved {result.checkpoint} at step {self.step}; resume with --resume {self.run_dir}")
                         break
         except KeyboardInterrupt:
@@ -900,13 +1038,20 @@ class Trainer:
             # being updated when it came
             self._optimizer().zero_grad(set_to_none=True)
             result.interrupted = True
+            result.signal = self._stop_signal
             if self._in_update:
                 log.write(f"interrupted during the weight update of step {self.step + 1}: no checkpoint written; "
                           f"resume from the last one in {self.ckpt_dir}")
             else:
-                result.checkpoint = self.save(position, gather_rng=False, reason="interrupt")
-                log.event("interrupt", self.step, checkpoint=str(result.checkpoint))
+                rng = self._restore_step_start()
+                result.checkpoint = self.save(position, gather_rng=False, reason="interrupt", rng=rng)
+                log.event("interrupt", self.step, checkpoint=str(result.checkpoint), signal=self._stop_signal)
                 log.write(f"interrupted: saved {result.checkpoint} at step {self.step}; resume with --resume {self.run_dir}")
+        except TrainingError:
+            raise
+        except Exception as error:
+            self._save_after_error(error, position)
+            raise
         finally:
             log.close()
         result.step = self.step
@@ -916,6 +1061,58 @@ class Trainer:
             ckpt.atomic_write_text(self.run_dir / "metrics.json", json.dumps(
                 {"step": self.step, "metrics": self.last_metrics, "best": self.best}, indent=2))
         return result
+
+    def _snapshot_step_start(self) -> None:
+        """Keep what a checkpoint of this point needs should the step not finish (an error, a
+        second Ctrl-C): the RNG states and the model's buffers, which forward passes update
+        (BatchNorm / SwitchNorm statistics). One fused copy into buffers kept across steps."""
+        self._step_rng = ckpt.rng_state()
+        buffers = [b.detach() for b in self.raw.buffers()]
+        kept = self._step_buffers
+        if (kept is None or len(kept[0]) != len(buffers)
+                or any(a is not b or a.shape != c.shape for a, b, c in zip(kept[0], buffers, kept[1]))):
+            self._step_buffers = (buffers, [b.clone() for b in buffers])
+        elif buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(kept[1], buffers)
+        self._mid_step = True
+
+    def _restore_step_start(self) -> dict[str, Any] | None:
+        """Undo a partial step's buffer updates; returns the RNG state of the step's start to
+        save (None outside a step: the current state is a step boundary already)."""
+        if not self._mid_step or self._step_buffers is None:
+            return None
+        with torch.no_grad():
+            for buffer, kept in zip(*self._step_buffers):
+                buffer.copy_(kept)
+        self._mid_step = False
+        return self._step_rng
+
+    def _save_after_error(self, error: BaseException, position: tuple[int, int]) -> None:
+        """An exception in the training loop: save the last completed step (with its data
+        position and the RNG state of the step's start, as a second Ctrl-C does) so the work
+        is not lost; the caller re-raises. Nothing is saved during the weight update."""
+        log = self.logger
+        what = (f"{type(error).__name__}: {error}".splitlines() or [type(error).__name__])[0]
+        if self._in_update:
+            log.write(f"error during the weight update of step {self.step + 1} ({what}): no checkpoint written; "
+                      f"resume from the last one in {self.ckpt_dir}")
+            return
+        if self.step == 0:
+            log.write(f"error in step 1 ({what}): no step was completed, nothing to save")
+            return
+        if self._last_saved_step == self.step:
+            path = self.ckpt_dir / ckpt.checkpoint_name(self.step)
+        else:
+            try:
+                self._optimizer().zero_grad(set_to_none=True)
+                path = self.save(position, gather_rng=False, reason="error", rng=self._restore_step_start())
+            except Exception as save_error:  # e.g. the disk is full: report the first error
+                log.write(f"error at step {self.step + 1} ({what}); writing a checkpoint failed too: {save_error}")
+                return
+        log.event("error", self.step, error=what, checkpoint=str(path))
+        log.write(f"error at step {self.step + 1} ({what}): the last completed step ({self.step}) is saved in {path}; "
+                  f"fix the cause, then continue with --resume {self.run_dir}")
 
     def _converted_at_config(self) -> bool:
         return any(r.get("step") is not None for r in self.conversions)
