@@ -144,7 +144,9 @@ def test_sigkill_of_a_running_train_lets_resume_proceed(tmp_path, sr_root, capsy
     """A real `python -m dynconv train` killed with SIGKILL after its first checkpoint leaves
     its lock file behind; `--resume` is not blocked by it, and the log records the killed
     process wrote after its last checkpoint are marked as superseded."""
-    config = write_config(tmp_path / "c.yaml", long_config(sr_root))
+    settings = long_config(sr_root)
+    settings["log"]["checkpoint_every"] = 5
+    config = write_config(tmp_path / "c.yaml", settings)
     run = tmp_path / "run"
     proc = start_training(config, run)
     try:
@@ -168,10 +170,12 @@ def test_sigkill_of_a_running_train_lets_resume_proceed(tmp_path, sr_root, capsy
     assert "resuming" in capsys.readouterr().out
     raw = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     resume = next(r for r in raw if r["event"] == "resume")
-    assert resume["discarded_after"] == start and resume["superseded"] >= 1 and killed_at > start
+    assert resume["discarded_after"] == start
     train_steps = [r["step"] for r in read_log(run) if r["event"] == "train"]
     assert train_steps == list(range(1, start + 3))  # each step once: the killed run's extra ones dropped
-    assert len([r for r in raw if r["event"] == "train"]) > len(train_steps)  # the file keeps every line
+    if killed_at > start:  # almost always; unless the kill landed right after a checkpoint
+        assert resume["superseded"] >= killed_at - start
+        assert len([r for r in raw if r["event"] == "train"]) > len(train_steps)  # the file keeps every line
 
 
 # ------------------------------------------------------------------------------- SIGTERM
