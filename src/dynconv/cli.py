@@ -25,6 +25,7 @@ commands:
   convert   checkpoint surgery: plain convs -> switched / CondConv, same outputs
   viz       selector maps and expert-usage charts of a trained model on images
   info      params and FLOPs per output pixel of a config's / run's / checkpoint's model
+  study     variants x seeds x eval sets from a study file: results table, report (docs/studies.md)
   demo      the main job: a small switched-conv SR net on CPU (see `dynconv demo --help`)
 
 examples:
@@ -82,11 +83,15 @@ examples:
   dynconv eval runs/sr
   dynconv eval runs/sr --checkpoint runs/sr/checkpoints/step_00002000
   dynconv eval configs/sr_switched_x2.yaml --checkpoint runs/sr --set data.eval_options.patch_size=null
+  dynconv eval runs/sr --eval-set Set14=../shared/data/sr/test/Set14 --eval-set mine=~/photos   # any folders
 """)
     p.add_argument("source", type=Path, metavar="CONFIG_or_RUN_DIR")
     p.add_argument("--checkpoint", type=Path, help="checkpoint directory (or a run directory: best, else latest)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value")
     p.add_argument("--max-batches", type=int, metavar="N", help="evaluate on the first N batches only")
+    p.add_argument("--eval-set", dest="eval_sets", action="append", default=[], metavar="NAME=FOLDER",
+                   help="evaluate on this folder of images instead (SR: HR images of any size; grayscale/RGBA "
+                   "converted to RGB) and write RUN/eval/NAME.json; repeatable")
 
     p = sub.add_parser(
         "convert", formatter_class=_FMT, help="convert a checkpoint's convs to switched / CondConv layers",
@@ -154,6 +159,31 @@ examples:
     p.add_argument("--by-layer", action="store_true", help="also print a per-layer table (own params, FLOPs/pixel, share)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers (with the per-layer ones) as JSON")
 
+    p = sub.add_parser(
+        "study", formatter_class=_FMT, help="run a study: variants x seeds x eval sets, with a results table",
+        description="Run every variant x seed of a study file as an ordinary run directory (OUT/runs/<variant>/"
+        "seed<k>), evaluate each on every eval set, and write OUT/study.json, OUT/results.md (mean ± std over "
+        "seeds, paired differences to the baseline with 95%% intervals) and OUT/report.html. A finished run is "
+        "skipped on a rerun; an interrupted one resumes exactly; a failed one is reported and the others go on. "
+        "The study file is checked (every run's config included) before anything trains. See docs/studies.md.",
+        epilog="""\
+examples:
+  dynconv study configs/studies/sr_x2.yaml --profile cpu --out ~/studies/sr
+  dynconv study configs/studies/sr_x2.yaml --profile cpu --out ~/studies/sr --only staged --seeds 0,1,2
+  dynconv study configs/studies/sr_x2.yaml --profile cpu --out ~/studies/sr --dry-run     # list the runs
+  dynconv study configs/studies/sr_x2.yaml --profile cpu --out ~/studies/sr --report-only # rewrite the outputs
+""")
+    p.add_argument("study", type=Path, metavar="STUDY.yaml")
+    p.add_argument("--profile", help="a profile of the study file (its settings apply to every variant)")
+    p.add_argument("--out", type=Path, metavar="DIR", help="output directory (default: runs/studies/<name>-<profile>)")
+    p.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants (plus the baseline and the runs they branch from)")
+    p.add_argument("--seeds", metavar="0,1,2", help="seeds for every variant (replaces the study's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config value in every run")
+    p.add_argument("--dry-run", action="store_true", help="check the study and list its runs; train nothing")
+    p.add_argument("--report-only", action="store_true", help="only rewrite study.json, results.md and report.html")
+    p.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS", help="seconds between progress lines (default 30)")
+
     sub.add_parser("demo", help="the main job (options: dynconv demo --help)", add_help=False)
     return parser
 
@@ -210,19 +240,83 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _parse_eval_sets(items: list[str]) -> list[tuple[str, Path]]:
+    sets = []
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"--eval-set must look like NAME=FOLDER, got {item!r}")
+        if any(name == other for other, _ in sets):
+            raise ValueError(f"--eval-set: the name {name!r} is given twice")
+        sets.append((name, Path(folder).expanduser()))
+    return sets
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .train import evaluate
 
-    from .train.trainer import format_cost
+    from .train.trainer import evaluate_eval_set, format_cost
 
-    result = evaluate(args.source, args.checkpoint, overrides=args.overrides, max_batches=args.max_batches)
-    print(f"{result['model']} on {result['dataset']}/{result['split']}, checkpoint {result['checkpoint']} "
-          f"(step {result['step']}, {result['weights']}):")
-    for name, value in result["metrics"].items():
-        print(f"  {name:<10} {value:.4f}")
-    print(f"  model: {format_cost(result)}")
-    if "written" in result:
-        print(f"wrote {result['written']}")
+    try:
+        eval_sets = _parse_eval_sets(args.eval_sets)
+    except ValueError as error:
+        print(f"dynconv eval: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    for name, folder in eval_sets:
+        if not folder.is_dir():
+            print(f"dynconv eval: --eval-set {name}={folder}: not a folder", file=sys.stderr)
+            return EXIT_USAGE
+    if eval_sets and not Path(args.source).is_dir():
+        print(f"dynconv eval: --eval-set needs a run or checkpoint directory, got {args.source}", file=sys.stderr)
+        return EXIT_USAGE
+    if eval_sets:
+        results = [evaluate_eval_set(args.source, name, folder, args.checkpoint, overrides=args.overrides,
+                                     max_batches=args.max_batches) for name, folder in eval_sets]
+    else:
+        results = [evaluate(args.source, args.checkpoint, overrides=args.overrides, max_batches=args.max_batches)]
+    for result in results:
+        print(f"{result['model']} on {result.get('eval_set', result['dataset'])} ({result['split']}), checkpoint "
+              f"{result['checkpoint']} (step {result['step']}, {result['weights']}):")
+        for name, value in result["metrics"].items():
+            print(f"  {name:<10} {value:.4f}")
+        print(f"  model: {format_cost(result)}")
+        if "written" in result:
+            print(f"wrote {result['written']}")
+    return EXIT_OK
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from .studies import StudyRunner, load_study, parse_seeds, write_outputs
+    from .studies.results import markdown_table, results_table
+
+    seeds = parse_seeds(args.seeds) if args.seeds else None
+    plan = load_study(args.study, profile=args.profile, out=args.out, only=args.only or None, seeds=seeds,
+                      overrides=args.overrides)
+    print(f"study {plan.name}" + (f" (profile {plan.profile})" if plan.profile else "") + f": {len(plan.runs)} runs "
+          f"({len(plan.variants)} variants) into {plan.out}; eval sets {', '.join(plan.eval_sets) or 'none'}")
+    if args.dry_run:
+        for run in plan.runs:
+            branch = f", branch of {run.branch_from.variant} at step {run.branch_from.step}" if run.branch_from else ""
+            print(f"  {run.key}: {run.config['model']['name']}, {run.total_steps} steps, config {run.config_hash}{branch}")
+        return EXIT_OK
+    if not args.report_only:
+        outcome = StudyRunner(plan, progress_every=args.progress_every).run()
+    written = write_outputs(plan)
+    import json as _json
+
+    data = _json.loads((plan.out / "study.json").read_text())
+    for set_name in plan.eval_sets:
+        print(f"{set_name}:\n" + markdown_table(results_table(plan, data, set_name)))
+    print("wrote " + ", ".join(str(p) for p in written.values()))
+    if args.report_only:
+        return EXIT_OK
+    if outcome.interrupted:
+        print(f"interrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if outcome.failed:
+        print(f"{len(outcome.failed)} run(s) failed: " + "; ".join(f"{o.key}: {o.message}" for o in outcome.failed),
+              file=sys.stderr)
+        return EXIT_ERROR
     return EXIT_OK
 
 
@@ -551,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     from .train.checkpoint import CheckpointError
     from .train.lock import RunDirLockedError
 
-    handlers = {"train": _cmd_train, "eval": _cmd_eval, "convert": _cmd_convert, "viz": _cmd_viz,
+    handlers = {"train": _cmd_train, "eval": _cmd_eval, "convert": _cmd_convert, "viz": _cmd_viz, "study": _cmd_study,
                 "info": _cmd_info}
     try:
         return handlers[args.command](args)

@@ -1261,3 +1261,31 @@ def evaluate(config_or_run_dir: str | Path | Config, checkpoint: str | Path | No
         ckpt.atomic_write_text(Path(out_dir) / "metrics.json", json.dumps(result, indent=2))
         result["written"] = str(Path(out_dir) / "metrics.json")
     return result
+
+
+def evaluate_eval_set(run_dir: str | Path, name: str, folder: str | Path, checkpoint: str | Path | None = None, *,
+                      overrides: list[str] | None = None, max_batches: int | None = None,
+                      write: bool = True) -> dict[str, Any]:
+    """Score a run on any folder of images as eval set ``name`` (SR: a folder of HR images of
+    any size, grayscale or RGBA files converted to RGB), without editing its config: the
+    run's config with the eval split pointed at ``folder``. Writes ``RUN/eval/<name>.json``,
+    one file per set, so evaluating one set never overwrites another's results."""
+    run_dir, folder = Path(run_dir), Path(folder).expanduser().resolve()
+    if not name or any(c in name for c in "/\\") or name.startswith("."):
+        raise ValueError(f"eval set name must be a plain file name such as Set5, got {name!r}")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"eval set {name!r}: folder not found: {folder}")
+    # the folder's parent as the split's root and its name as the split: sr_folder reads
+    # root/split, image_folder root/split/<class>
+    overrides = [*(overrides or []), f"data.eval_options.root={json.dumps(str(folder.parent))}",
+                 f"data.eval_split={json.dumps(folder.name)}"]
+    if load_config(run_dir).data.name == "skimage_sr":  # trained on the bundled photos: read the folder the same way
+        overrides.append("data.name=sr_folder")
+    result = evaluate(run_dir, checkpoint, overrides=overrides, max_batches=max_batches, write=False)
+    result.update({"eval_set": name, "folder": str(folder), "split": str(folder)})
+    if write:
+        out = run_dir / "eval" / f"{name}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_text(out, json.dumps(result, indent=2))
+        result["written"] = str(out)
+    return result
