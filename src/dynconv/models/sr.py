@@ -37,7 +37,7 @@ class ConvReLU(nn.Module):
         self.conv = conv
 
     def forward(self, x: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
-        if image is not None and _sees_image(self.conv, image):
+        if image is not None:
             return F.relu(self.conv(x, selector_input=image))
         return F.relu(self.conv(x))
 
@@ -89,8 +89,8 @@ class SRNet(nn.Module):
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
         image = lr - 0.5
         x = F.relu(self.head(image))
-        for layer in self.body:
-            x = layer(x, image)
+        for layer in self.body:  # only a layer that routes by the image is handed it
+            x = layer(x, image) if _sees_image(layer.conv, image) else layer(x)
         up = F.interpolate(lr, scale_factor=self.scale, mode="bicubic", align_corners=False)
         return up + self.shuffle(self.tail(x))
 
