@@ -32,7 +32,7 @@ venv: $(STAMP)  ## create/reuse the virtual environment and install dynconv in i
 test: $(STAMP)  ## run the test suite (CPU; Triton kernels through its interpreter)
 	$(PY) -m pytest -q
 
-demo: $(STAMP)  ## the main job: x2 SR with plain/switched/CondConv/involution at matched FLOPs; HTML report in runs/demo
+demo: $(STAMP)  ## the main job: staged training in miniature (plain -> switched/CondConv vs. a plain control); HTML report in runs/demo
 	$(PY) -m dynconv demo --out runs/demo
 
 bench: $(STAMP)  ## switched-conv benchmark on this machine (see docs/performance.md)
