@@ -15,7 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["rgb_to_y", "psnr_y", "ssim_y", "ssim", "psnr", "accuracy", "reconstruction_mse", "gaussian_window"]
+__all__ = ["rgb_to_y", "psnr_y", "ssim_y", "ssim", "psnr", "accuracy", "topk_correct", "reconstruction_mse",
+           "mean_absolute_error", "gaussian_window"]
 
 _Y_WEIGHTS = (65.481, 128.553, 24.966)  # MATLAB rgb2ycbcr, for RGB in [0, 1], output in [16, 235]
 
@@ -129,19 +130,40 @@ def ssim_y(sr: torch.Tensor, hr: torch.Tensor, shave: int, *, quantize: bool = T
     return ssim(_y255(sr, shave, quantize), _y255(hr, shave, quantize), data_range=255.0)
 
 
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Top-1 accuracy: the fraction (0-dim float tensor) of rows whose argmax is the label."""
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """Per example ``(N,)`` bool: is the label among the ``k`` highest logits (``k=1``: the
+    argmax; ``k`` larger than the number of classes counts every class)."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be (N, classes), got shape {tuple(logits.shape)}")
     if labels.shape != logits.shape[:1]:
         raise ValueError(f"labels must be (N,) = ({logits.shape[0]},), got shape {tuple(labels.shape)}")
+    if k == 1:
+        return logits.argmax(dim=1) == labels
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return (top == labels[:, None]).any(dim=1)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Top-1 accuracy: the fraction (0-dim float tensor) of rows whose argmax is the label."""
+    correct = topk_correct(logits, labels)
     if logits.shape[0] == 0:
         return torch.tensor(math.nan)
-    return (logits.argmax(dim=1) == labels).float().mean()
+    return correct.float().mean()
+
+
+def _difference(x: torch.Tensor, y: torch.Tensor, names: str) -> torch.Tensor:
+    """``x - y`` in float32, flattened per example ``(N, -1)``."""
+    if x.shape != y.shape:
+        a, b = names.split()
+        raise ValueError(f"{a} and {b} must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    return (x.detach().float() - y.float()).flatten(1)
 
 
 def reconstruction_mse(reconstruction: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     """Per-example MSE ``(N,)`` between a VQ-VAE reconstruction and its input."""
-    if reconstruction.shape != image.shape:
-        raise ValueError(f"reconstruction and image must have the same shape, got {tuple(reconstruction.shape)} and {tuple(image.shape)}")
-    return (reconstruction.detach().float() - image.float()).pow(2).flatten(1).mean(dim=1)
+    return _difference(reconstruction, image, "reconstruction image").pow(2).mean(dim=1)
+
+
+def mean_absolute_error(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example mean absolute difference ``(N,)`` (float32)."""
+    return _difference(x, y, "x y").abs().mean(dim=1)
