@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .registry import Registry
+
 __all__ = [
     "LOSSES",
     "register_loss",
@@ -25,29 +27,21 @@ __all__ = [
     "TranslationalConsistencyLoss",
 ]
 
-LOSSES: dict[str, Callable[..., nn.Module]] = {}
+#: name -> loss class; ``build_loss(name, **options)`` instantiates it.
+LOSSES = Registry("loss")
 
 # prediction key in outputs -> target key in batch, for the image losses
 _IMAGE_PAIRS = (("sr", "hr"), ("reconstruction", "image"))
 
 
 def register_loss(name: str) -> Callable[[type], type]:
-    """Class decorator: ``LOSSES[name] = cls``."""
-
-    def decorate(cls: type) -> type:
-        if name in LOSSES and LOSSES[name] is not cls:
-            raise ValueError(f"loss {name!r} is already registered (by {LOSSES[name]!r})")
-        LOSSES[name] = cls
-        return cls
-
-    return decorate
+    """Class decorator: register the loss class under ``name``."""
+    return LOSSES.register(name)
 
 
 def build_loss(name: str, **options: Any) -> nn.Module:
     """The loss ``name`` with its options (e.g. ``build_loss('cross_entropy', label_smoothing=0.1)``)."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; registered: {sorted(LOSSES)}")
-    return LOSSES[name](**options)
+    return LOSSES.build(name, **options)
 
 
 def _check_weight(weight: float) -> float:

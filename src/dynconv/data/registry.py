@@ -14,9 +14,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..registry import Registry
+
 __all__ = ["DatasetError", "DATASETS", "register_dataset", "build_dataset", "sample_generator", "EpochMixin"]
 
-DATASETS: dict[str, Callable[..., Dataset]] = {}
+#: name -> ``factory(split, **options) -> Dataset``.
+DATASETS = Registry("dataset", positional=("split",))
 
 F = TypeVar("F", bound=Callable[..., Dataset])
 
@@ -26,26 +29,16 @@ class DatasetError(ValueError):
 
 
 def register_dataset(name: str) -> Callable[[F], F]:
-    """Decorator: ``DATASETS[name] = factory``; ``factory(split, **options) -> Dataset``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"dataset name must be a non-empty str, got {name!r}")
-
-    def decorate(factory: F) -> F:
-        if name in DATASETS and DATASETS[name] is not factory:
-            raise ValueError(f"dataset {name!r} is already registered (by {DATASETS[name]!r})")
-        DATASETS[name] = factory
-        return factory
-
-    return decorate
+    """Decorator: register ``factory(split, **options) -> Dataset`` under ``name``."""
+    return DATASETS.register(name)
 
 
 def build_dataset(name: str, split: str, **options: Any) -> Dataset:
     """The dataset ``name`` for ``split`` ('train' / 'test' / ...); options per dataset."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; registered: {sorted(DATASETS)}")
+    DATASETS.get(name)
     if not isinstance(split, str) or not split:
         raise ValueError(f"split must be a non-empty str such as 'train' or 'test', got {split!r}")
-    return DATASETS[name](split, **options)
+    return DATASETS.build(name, split, **options)
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:

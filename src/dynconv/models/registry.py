@@ -7,7 +7,6 @@ instead of deep inside a constructor.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, Mapping
 
 from torch import nn
@@ -15,56 +14,34 @@ from torch import nn
 from ..nn.cond_conv import CondConv2d
 from ..nn.involution import Involution2d
 from ..nn.switched_conv import SwitchedConv2d
+from ..registry import Registry
 
 Builder = Callable[..., nn.Module]
 
 TASKS = ("classification", "super_resolution", "reconstruction")
-MODELS: dict[str, Builder] = {}
-_TASK_OF: dict[str, str] = {}
+#: name -> builder; ``MODELS.meta(name)["task"]`` is the task it solves.
+MODELS = Registry("model", meta={"task": TASKS})
 
 
 def register_model(name: str, *, task: str) -> Callable[[Builder], Builder]:
     """Decorator: register ``builder(**options) -> nn.Module`` under ``name`` for ``task``."""
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-
-    def decorate(builder: Builder) -> Builder:
-        if name in MODELS and MODELS[name] is not builder:
-            raise ValueError(f"model name {name!r} is already registered (by {MODELS[name].__qualname__})")
-        MODELS[name] = builder
-        _TASK_OF[name] = task
-        return builder
-
-    return decorate
-
-
-def _builder(name: str) -> Builder:
-    if name not in MODELS:
-        raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
-    return MODELS[name]
+    return MODELS.register(name, task=task)
 
 
 def model_task(name: str) -> str:
     """``'classification' | 'super_resolution' | 'reconstruction'`` for a registered model."""
-    _builder(name)
-    return _TASK_OF[name]
+    return MODELS.meta(name)["task"]
 
 
 def model_options(name: str) -> dict[str, Any]:
     """The accepted options of a model and their defaults (what a config may set)."""
-    params = inspect.signature(_builder(name)).parameters.values()
-    return {p.name: p.default for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return dict(MODELS.options(name).defaults)
 
 
 def build_model(name: str, **options: Any) -> nn.Module:
     """Build a registered model; an unknown option raises ``ValueError`` naming the model,
     the option(s) and the accepted ones."""
-    builder = _builder(name)
-    accepted = model_options(name)
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(f"model {name!r} got unknown option(s) {unknown}; accepted options: {sorted(accepted)}")
-    return builder(**options)
+    return MODELS.build(name, **options)
 
 
 # -- dynamic layers in place of a 3x3 conv ---------------------------------------------------
