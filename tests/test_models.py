@@ -19,6 +19,7 @@ from dynconv.models import (
     model_task,
 )
 from dynconv.models.flops import flops_per_pixel
+from dynconv.nn import LambdaSelector
 
 NAMES = ("resnet18_cifar", "sr_plain", "sr_switched", "sr_condconv", "sr_involution", "edsr_baseline", "rrdb", "vqvae")
 
@@ -108,7 +109,7 @@ def test_resnet_block_conv2_kinds():
     inv = build_model("resnet18_cifar", width=16, block_conv2="involution", layer={"groups": 2})
     assert inv.layer1[0].conv2.kernel_size == 3 and inv.layer1[0].conv2.groups == 2
     switched = build_model("resnet18_cifar", width=4, block_conv2="switched", layer={"breadth": 4, "selector": "lambda"})
-    assert switched.layer4[1].conv2.breadth == 4 and switched.layer4[1].conv2.selector_name == "lambda"
+    assert switched.layer4[1].conv2.breadth == 4 and isinstance(switched.layer4[1].conv2.selector, LambdaSelector)
 
 
 def test_reference_model_sizes():

@@ -43,12 +43,17 @@ def choice(value: str, name: str, options: Iterable[str]) -> str:
     return value
 
 
+#: the layout a float input of each rank has (for error messages)
+LAYOUTS = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
+
+
 def float_input(x: torch.Tensor, name: str = "x", *, ndim: int = 4, channels: int | None = None) -> None:
     """Check a float feature map: ``ndim`` dims, floating dtype, ``channels`` channels."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D (N, C, H, W), got shape {tuple(x.shape)}")
+        layout = LAYOUTS.get(ndim, "")
+        raise ValueError(f"{name} must be {ndim}-D {layout}".rstrip() + f", got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
     if channels is not None and x.shape[1] != channels:

@@ -13,11 +13,17 @@ import torch
 from torch import nn
 
 from ._checks import choice
-from .nn.cond_conv import CondConv2d
-from .nn.switched_conv import SwitchedConv2d, conv_padding
+from .nn.base import conv_padding
+from .nn.create import LAYERS
 
 Include = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
-TARGETS = ("switched", "condconv")
+#: the layer kinds a conv converts to: those whose class has ``from_conv``
+TARGETS = tuple(kind for kind in LAYERS.names() if hasattr(LAYERS.get(kind), "from_conv"))
+
+
+def _target(to: str) -> type:
+    """The layer class of the conversion ``to`` (``'switched'`` -> SwitchedConv2d, ...)."""
+    return LAYERS.get(choice(to, "to", TARGETS))
 
 
 class ConvertedNames(list):
@@ -40,11 +46,11 @@ def _matcher(include: Include) -> Callable[[str, nn.Module], bool]:
     return lambda name, module: any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _skip_reason(conv: nn.Conv2d, to: str) -> str | None:
+def _skip_reason(conv: nn.Conv2d, target: type) -> str | None:
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} is not supported"
-    if to == "switched" and conv.groups != 1:
-        return f"groups={conv.groups} is not supported by SwitchedConv2d"
+    if not target.supports_groups and conv.groups != 1:
+        return f"groups={conv.groups} is not supported by {target.__name__}"
     try:
         conv_padding(conv)
     except ValueError as error:  # e.g. padding='same' with an even receptive field
@@ -62,11 +68,10 @@ def convert(model: nn.Module, to: str = "switched", include: Include = None, **l
     Returns the converted names; convs that match but cannot be converted are listed in the
     result's ``skipped`` and in a warning. The converted model computes the same function.
     """
-    choice(to, "to", TARGETS)
+    target = _target(to)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     matches = _matcher(include)
-    factory = SwitchedConv2d.from_conv if to == "switched" else CondConv2d.from_conv
     targets = [
         (name, module)
         for name, module in model.named_modules()
@@ -76,13 +81,13 @@ def convert(model: nn.Module, to: str = "switched", include: Include = None, **l
         raise ValueError("model is itself an nn.Conv2d; use SwitchedConv2d.from_conv / CondConv2d.from_conv")
     result = ConvertedNames()
     for name, conv in targets:
-        reason = _skip_reason(conv, to)
+        reason = _skip_reason(conv, target)
         if reason is not None:
             result.skipped[name] = reason
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, factory(conv, **layer_kwargs))
+        setattr(parent, child, target.from_conv(conv, **layer_kwargs))
         result.append(name)
     if result.skipped:
         listed = ", ".join(f"{n} ({r})" for n, r in result.skipped.items())
@@ -105,8 +110,7 @@ _FROM_CONV = {"self", "in_channels", "out_channels", "kernel_size", "stride", "p
 
 def layer_options(to: str) -> list[str]:
     """The keyword options a conversion ``to`` accepts (``convert(..., **options)``)."""
-    choice(to, "to", TARGETS)
-    cls = SwitchedConv2d if to == "switched" else CondConv2d
+    cls = _target(to)
     names = [*inspect.signature(cls.from_conv).parameters, *inspect.signature(cls.__init__).parameters]
     return [n for n in dict.fromkeys(names) if n not in _FROM_CONV and n not in ("cls", "conv", "kwargs")]
 
@@ -119,10 +123,10 @@ def check_layer_kwargs(to: str, layer_kwargs: dict) -> None:
     for key in layer_kwargs:
         if key not in accepted:
             raise LayerOptionError(key, f"unknown {to} layer option {key!r}; accepted: {accepted}")
-    factory = SwitchedConv2d.from_conv if to == "switched" else CondConv2d.from_conv
+    target = _target(to)
     try:
         with torch.device("meta"):
-            factory(nn.Conv2d(8, 8, 3, padding=1), **layer_kwargs)
+            target.from_conv(nn.Conv2d(8, 8, 3, padding=1), **layer_kwargs)
     except (ValueError, TypeError) as error:
         named = [k for k in layer_kwargs if re.search(rf"\b{re.escape(k)}\b", str(error))]
         key = named[0] if named else next(iter(layer_kwargs), "")

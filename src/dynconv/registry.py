@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
-__all__ = ["Registry", "Options", "UnknownNameError"]
+__all__ = ["Registry", "Options", "UnknownNameError", "signature_options"]
 
 B = TypeVar("B", bound=Callable[..., Any])
 
@@ -179,7 +179,10 @@ class Registry:
 
     # -- read-only dict view ---------------------------------------------------------------
     def __contains__(self, name: object) -> bool:
-        return name in self._builders
+        try:
+            return name in self._builders
+        except TypeError:  # unhashable: not a name
+            return False
 
     def __getitem__(self, name: str) -> Callable[..., Any]:
         return self.get(name)

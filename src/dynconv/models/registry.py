@@ -11,9 +11,7 @@ from typing import Any, Callable, Mapping
 
 from torch import nn
 
-from ..nn.cond_conv import CondConv2d
-from ..nn.involution import Involution2d
-from ..nn.switched_conv import SwitchedConv2d
+from ..nn.create import LAYERS, create_conv2d
 from ..registry import Registry
 
 Builder = Callable[..., nn.Module]
@@ -45,13 +43,9 @@ def build_model(name: str, **options: Any) -> nn.Module:
 
 
 # -- dynamic layers in place of a 3x3 conv ---------------------------------------------------
-LAYER_KINDS = ("conv", "switched", "condconv", "involution")
-LAYER_OPTIONS: dict[str, tuple[str, ...]] = {
-    "conv": (),
-    "switched": ("breadth", "selector", "routing", "switch_norm", "norm_buffer", "selector_dropout", "backend"),
-    "condconv": ("num_experts", "routing", "temperature", "backend"),
-    "involution": ("kernel_size", "groups", "reduction", "dilation", "backend"),
-}
+# kinds and the options a model's ``layer`` dict may set: :data:`dynconv.nn.LAYERS`
+LAYER_KINDS = LAYERS.names()
+LAYER_OPTIONS: dict[str, tuple[str, ...]] = {kind: LAYERS.meta(kind)["model_options"] for kind in LAYER_KINDS}
 # Involution replaces a 3x3 conv here, so it keeps the conv's 3x3 footprint by default (RedNet
 # uses 7x7; pass layer={"kernel_size": 7} for that). This isolates the operator in comparisons.
 INVOLUTION_KERNEL_SIZE = 3
@@ -59,31 +53,22 @@ INVOLUTION_KERNEL_SIZE = 3
 
 def check_layer_options(kind: str, layer: Mapping[str, Any] | None, model: str) -> dict[str, Any]:
     """Validate ``layer`` (the options of the dynamic layer ``kind``) for ``model``."""
-    if kind not in LAYER_KINDS:
+    if kind not in LAYERS:
         raise ValueError(f"model {model!r}: layer kind must be one of {LAYER_KINDS}, got {kind!r}")
     if layer is None:
         return {}
     if not isinstance(layer, Mapping):
         raise TypeError(f"model {model!r}: layer must be a dict of {kind} options, got {type(layer).__name__}")
-    unknown = sorted(set(layer) - set(LAYER_OPTIONS[kind]))
+    accepted = LAYER_OPTIONS[kind]
+    unknown = sorted(set(layer) - set(accepted))
     if unknown:
-        raise ValueError(
-            f"model {model!r} got unknown {kind} layer option(s) {unknown}; accepted: {list(LAYER_OPTIONS[kind])}"
-        )
+        raise ValueError(f"model {model!r} got unknown {kind} layer option(s) {unknown}; accepted: {list(accepted)}")
     return dict(layer)
 
 
 def conv3x3(kind: str, channels_in: int, channels_out: int, layer: Mapping[str, Any], *, bias: bool) -> nn.Module:
     """A stride-1, 'same' 3x3 conv of the given ``kind`` (options already checked)."""
-    if kind == "conv":
-        return nn.Conv2d(channels_in, channels_out, 3, padding=1, bias=bias)
-    if kind == "switched":
-        return SwitchedConv2d(channels_in, channels_out, 3, padding=1, bias=bias, **layer)
-    if kind == "condconv":
-        return CondConv2d(channels_in, channels_out, 3, padding=1, bias=bias, **layer)
-    if channels_in != channels_out:
-        raise ValueError(
-            f"involution keeps the channel count: needs channels_in == channels_out, got {channels_in} -> {channels_out}"
-        )
-    options = {"kernel_size": INVOLUTION_KERNEL_SIZE, **layer}
-    return Involution2d(channels_in, **options)
+    if kind == "involution":  # pads 'same' itself, has no bias, and may change its footprint
+        options = {"kernel_size": INVOLUTION_KERNEL_SIZE, **layer}
+        return create_conv2d(kind, channels_in, channels_out, options.pop("kernel_size"), **options)
+    return create_conv2d(kind, channels_in, channels_out, 3, padding=1, bias=bias, **layer)

@@ -1,6 +1,8 @@
 """Modules: parameters and routing. The math lives in :mod:`dynconv.ops`."""
 
+from .base import DynamicConv2d, conv_padding
 from .cond_conv import CondConv2d, CondLinear
+from .create import LAYERS, create_conv2d
 from .involution import Involution2d
 from .routing import hard_index_gate, hard_routing
 from .selectors import LambdaLayer, LambdaSelector
@@ -13,6 +15,10 @@ __all__ = [
     "CondConv2d",
     "CondLinear",
     "Involution2d",
+    "DynamicConv2d",
+    "create_conv2d",
+    "LAYERS",
+    "conv_padding",
     "LambdaLayer",
     "LambdaSelector",
     "hard_routing",

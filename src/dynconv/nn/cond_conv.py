@@ -7,17 +7,14 @@ temperature from ~30 to 1 early in training (set ``layer.temperature`` as you go
 
 from __future__ import annotations
 
-import math
-from typing import Union
-
 import torch
 from torch import nn
 
 from .. import ops
 from ..ops._backend import MIXTURE_BACKENDS
-from .._checks import choice, float_input, pair, positive_int
+from .._checks import choice, float_input, positive_int
+from .base import DynamicConv2d, IntOrPair, init_experts
 
-IntOrPair = Union[int, tuple[int, int]]
 ROUTINGS = ("sigmoid", "softmax")
 
 
@@ -91,11 +88,7 @@ class _ExpertMixture(nn.Module):
 
     def reset_parameters(self) -> None:
         """Each expert initialised like the dense layer (``nn.Conv2d`` / ``nn.Linear``) of its shape."""
-        for expert in self.weight.data:
-            nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.weight[0, 0].numel())  # fan-in of one expert
-            nn.init.uniform_(self.bias, -bound, bound)
+        init_experts(self.weight, self.bias)
         self.route.router.reset_parameters()
 
     def _copy_preserving(self, source: nn.Module, expert_noise: float) -> None:
@@ -108,11 +101,33 @@ class _ExpertMixture(nn.Module):
         self.train(source.training)
 
 
-class CondConv2d(_ExpertMixture):
+class CondConv2d(_ExpertMixture, DynamicConv2d):
     """Conditionally parameterised conv: ``kernel_n = sum_i a_ni W_i``, ``a = route(GAP(x))``.
 
-    ``weight`` ``(num_experts, out, in/groups, kH, kW)``, ``bias`` ``(num_experts, out)``.
-    Computed batched for the whole batch (no Python loop over examples).
+    Computed batched for the whole batch (no Python loop over examples). The positional
+    arguments are ``nn.Conv2d``'s; the rest are keyword-only.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as
+            ``nn.Conv2d``.
+        num_experts: number of expert kernels mixed per example.
+        routing: ``'sigmoid'`` (CondConv) or ``'softmax'`` (Dynamic Convolution, with
+            ``temperature``).
+        temperature: softmax temperature (settable during training: ``layer.temperature``).
+        backend: the :func:`dynconv.ops.cond_conv2d` backend (``'auto'``, ``'reference'``,
+            ``'cpu'``, ``'triton'``).
+
+    Shape:
+        - Input: ``(N, in_channels, H, W)``.
+        - Output: ``(N, out_channels, H_out, W_out)``, as ``nn.Conv2d`` (:meth:`output_size`).
+        - ``weight``: ``(num_experts, out_channels, in_channels / groups, kH, kW)``; ``bias``:
+          ``(num_experts, out_channels)``.
+
+    Example::
+
+        >>> layer = CondConv2d(16, 32, 3, padding=1, num_experts=4)
+        >>> layer(torch.randn(2, 16, 8, 8)).shape
+        torch.Size([2, 32, 8, 8])
     """
 
     def __init__(
@@ -135,17 +150,7 @@ class CondConv2d(_ExpertMixture):
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.in_channels = positive_int(in_channels, "in_channels")
-        self.out_channels = positive_int(out_channels, "out_channels")
-        self.groups = positive_int(groups, "groups")
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
-            )
-        self.kernel_size = pair(kernel_size, "kernel_size", minimum=1)
-        self.stride = pair(stride, "stride", minimum=1)
-        self.padding = pair(padding, "padding", minimum=0)
-        self.dilation = pair(dilation, "dilation", minimum=1)
+        self._set_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
         self.num_experts = positive_int(num_experts, "num_experts")
         self.backend = choice(backend, "backend", MIXTURE_BACKENDS)
         self.route = _ExpertRouting(in_channels, num_experts, routing, temperature, factory)
@@ -155,12 +160,14 @@ class CondConv2d(_ExpertMixture):
         self.bias = nn.Parameter(torch.empty(num_experts, out_channels, **factory)) if bias else None
         self.reset_parameters()
 
-    def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}, "
-            f"num_experts={self.num_experts}, routing={self.routing!r}, temperature={self.temperature}"
-        )
+    def _repr_options(self) -> dict:
+        return {
+            **super()._repr_options(),
+            "num_experts": self.num_experts,
+            "routing": self.routing,
+            "temperature": self.temperature,
+            "backend": self.backend,
+        }
 
     def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
         return self.route(x.mean(dim=(2, 3)))
@@ -168,11 +175,7 @@ class CondConv2d(_ExpertMixture):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         float_input(x, "x", channels=self.in_channels)
         weights = self.routing_weights(x)
-        weight, bias = self.weight, self.bias
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, weight, weights = x.to(dtype), weight.to(dtype), weights.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
+        x, weight, bias, weights = self._autocast(x, self.weight, self.bias, weights)
         with torch.autocast(x.device.type, enabled=False):
             return ops.cond_conv2d(
                 x, weight, bias, weights.to(x.dtype), self.stride, self.padding, self.dilation, self.groups, self.backend
@@ -183,17 +186,7 @@ class CondConv2d(_ExpertMixture):
         """Function-preserving conversion: the router starts at zero (equal weights for every
         input) and the experts are ``W / sum(a)`` plus zero-sum noise of relative size
         ``expert_noise`` (so they can specialise), hence the output equals ``conv``'s."""
-        from .switched_conv import conv_padding
-
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"CondConv2d.from_conv supports padding_mode='zeros' only, got {conv.padding_mode!r}")
-        layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv_padding(conv), conv.dilation,
-            conv.groups, bias=conv.bias is not None, num_experts=num_experts,
-            device=conv.weight.device, dtype=conv.weight.dtype, **kwargs,
-        )
+        layer = cls(**cls._conv_arguments(conv), num_experts=num_experts, **kwargs)
         layer._copy_preserving(conv, expert_noise)
         return layer
 

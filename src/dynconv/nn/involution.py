@@ -8,13 +8,41 @@ from torch import nn
 from .. import ops
 from ..ops._backend import MIXTURE_BACKENDS
 from .._checks import choice, float_input, positive_int
+from .base import DynamicConv2d
 
 
-class Involution2d(nn.Module):
-    """For each output pixel, a ``K x K`` kernel per group is generated from that pixel's
-    features (avg-pool, ceil mode, for stride > 1 -> 1x1 conv to ``channels / reduction`` -> BN -> ReLU
+class Involution2d(DynamicConv2d):
+    """Involution: a ``K x K`` kernel generated per output pixel, shared by a group's channels.
+
+    For each output pixel, a kernel per group is generated from that pixel's features
+    (avg-pool, ceil mode, for stride > 1 -> 1x1 conv to ``channels / reduction`` -> BN -> ReLU
     -> 1x1 conv to ``K*K*groups``) and applied to the pixel's ``K x K`` neighbourhood of
     every channel in the group. Spatial size is kept ('same' padding) up to the stride.
+    Involution keeps the channel count, so it takes ``channels``, not ``nn.Conv2d``'s
+    ``(in_channels, out_channels)``; :func:`dynconv.create_conv2d` builds it from conv-shaped
+    arguments (``create_conv2d('involution', c, c, k)``). ``in_channels`` and
+    ``out_channels`` are both ``channels``.
+
+    Args:
+        channels: input and output channels.
+        kernel_size: ``K`` (square kernels only).
+        stride: the output is the input's size divided by ``stride`` (rounded up).
+        groups: channel groups sharing a kernel (default ``max(1, channels // 16)``).
+        reduction: channel reduction of the kernel-generating branch.
+        dilation: dilation of the ``K x K`` neighbourhood.
+        backend: the :func:`dynconv.ops.involution2d` backend (``'auto'``, ``'reference'``,
+            ``'cpu'``, ``'triton'``).
+
+    Shape:
+        - Input: ``(N, channels, H, W)``.
+        - Output: ``(N, channels, H_out, W_out)`` (:meth:`output_size`); for odd
+          ``kernel_size`` ``H_out = ceil(H / stride)``.
+
+    Example::
+
+        >>> layer = Involution2d(32, kernel_size=7, groups=2)
+        >>> layer(torch.randn(2, 32, 8, 8)).shape
+        torch.Size([2, 32, 8, 8])
     """
 
     def __init__(
@@ -33,14 +61,12 @@ class Involution2d(nn.Module):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.channels = positive_int(channels, "channels")
-        self.kernel_size = positive_int(kernel_size, "kernel_size")
-        self.stride = positive_int(stride, "stride")
-        self.dilation = positive_int(dilation, "dilation")
-        self.groups = positive_int(groups if groups is not None else max(1, channels // 16), "groups")
-        if channels % self.groups:
-            raise ValueError(f"channels ({channels}) must be divisible by groups ({self.groups})")
+        dilation = positive_int(dilation, "dilation")
+        padding = dilation * (positive_int(kernel_size, "kernel_size") - 1) // 2
+        if groups is None:
+            groups = max(1, channels // 16)
+        self._set_geometry(channels, channels, kernel_size, stride, padding, dilation, groups, square=True)
         self.reduction = positive_int(reduction, "reduction")
-        self.padding = self.dilation * (self.kernel_size - 1) // 2
         self.backend = choice(backend, "backend", MIXTURE_BACKENDS)
         hidden = max(1, channels // self.reduction)
         self.pool = nn.AvgPool2d(self.stride, self.stride, ceil_mode=True) if self.stride > 1 else nn.Identity()
@@ -51,11 +77,11 @@ class Involution2d(nn.Module):
         )
         self.span = nn.Conv2d(hidden, self.kernel_size**2 * self.groups, 1, **factory)
 
-    def extra_repr(self) -> str:
-        return (
-            f"{self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, groups={self.groups}, "
-            f"reduction={self.reduction}, dilation={self.dilation}"
-        )
+    def _repr_head(self) -> str:
+        return f"{self.channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+
+    def _repr_options(self) -> dict:
+        return {"groups": self.groups, "reduction": self.reduction, "dilation": self.dilation, "backend": self.backend}
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         """The generated kernels, ``(N, groups, K*K, H_out, W_out)``."""
@@ -64,10 +90,7 @@ class Involution2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         float_input(x, "x", channels=self.channels)
-        kernel = self.kernel(x)
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, kernel = x.to(dtype), kernel.to(dtype)
+        x, kernel = self._autocast(x, self.kernel(x))
         with torch.autocast(x.device.type, enabled=False):
             return ops.involution2d(
                 x, kernel.to(x.dtype), self.kernel_size, self.stride, self.padding, self.dilation, self.groups, self.backend

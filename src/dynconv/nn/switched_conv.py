@@ -2,37 +2,69 @@
 
 from __future__ import annotations
 
-import math
-from typing import Union
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
 from ..ops._backend import SWITCHED_BACKENDS
-from .._checks import choice, conv_output_size, float_input, pair, positive_int
+from .._checks import choice, float_input, positive_int
+from .base import DynamicConv2d, IntOrPair, init_experts
 from .routing import hard_index_gate
 from .selectors import SELECTORS, align_to_output_grid, build_selector
 from .switch_norm import SwitchNorm, statistics_frozen
 
-IntOrPair = Union[int, tuple[int, int]]
 ROUTINGS = ("hard", "soft")
 
 
-class SwitchedConv2d(nn.Module):
-    """Spatial mixture-of-experts convolution.
+class SwitchedConv2d(DynamicConv2d):
+    """Spatial mixture-of-experts convolution: ``breadth`` kernels, one chosen per output pixel.
 
-    ``weight`` is ``(breadth, out_channels, in_channels, kH, kW)``; ``bias`` ``(out_channels,)``
-    is shared by all experts. A selector maps ``selector_input`` (default: the input) to
-    ``breadth`` logits per output pixel -> softmax -> :class:`SwitchNorm` -> routing:
-    ``'hard'`` uses the argmax expert (a dense conv's FLOPs, gradient ``grad / p`` to the
-    selector), ``'soft'`` mixes all experts by their probabilities.
+    A selector maps ``selector_input`` (default: the input) to ``breadth`` logits per output
+    pixel -> softmax -> :class:`SwitchNorm` -> routing: ``'hard'`` uses the argmax expert (a
+    dense conv's FLOPs, gradient ``grad / p`` to the selector), ``'soft'`` mixes all experts
+    by their probabilities. Built-in selectors see the selector input sampled at the centre
+    of each output pixel's receptive field. ``breadth=1`` is exactly an ``nn.Conv2d``.
 
-    ``selector`` is ``'conv1x1'``, ``'lambda'`` or any module returning
-    ``(N, breadth, H_out, W_out)``; built-in selectors see the selector input sampled at the
-    centre of each output pixel's receptive field. ``breadth=1`` is exactly an ``nn.Conv2d``.
+    The positional arguments are ``nn.Conv2d``'s: ``(in_channels, out_channels, kernel_size,
+    stride, padding, dilation, groups, bias)``; the rest are keyword-only. Porting from the
+    original implementation, whose signature is ``(in, out, kernel_size, breadth, stride)``
+    and which always pads ``kernel_size // 2``: the same positional call here means
+    ``stride=breadth, padding=stride``. Write ``SwitchedConv2d(in, out, k, stride=s,
+    padding=k // 2, breadth=b)`` (README, "Porting from the original switched conv").
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, bias: as ``nn.Conv2d``.
+        groups: must be 1 (there is no grouped switched conv); kept so the positions match.
+        breadth: number of expert kernels.
+        selector: ``'conv1x1'``, ``'lambda'`` (a lambda-layer network) or any module mapping
+            the selector input to ``(N, breadth, H_out, W_out)`` logits.
+        selector_channels: channels of ``selector_input`` for a built-in selector (default
+            ``in_channels``).
+        routing: ``'hard'`` (argmax expert) or ``'soft'`` (probability-weighted mix).
+        switch_norm: normalise the routing by recent expert usage (:class:`SwitchNorm`).
+        norm_buffer: steps of usage history the SwitchNorm keeps.
+        selector_dropout: per example, drop each expert's logit with this probability in
+            training (at least one kept).
+        backend: the :func:`dynconv.ops.switched_conv2d` backend (``'auto'``, ``'reference'``,
+            ``'gather'``, ``'triton'``).
+
+    Shape:
+        - Input ``x``: ``(N, in_channels, H, W)``; ``selector_input`` (optional):
+          ``(N, selector_channels, H, W)``.
+        - Output: ``(N, out_channels, H_out, W_out)`` with ``H_out``, ``W_out`` as for
+          ``nn.Conv2d`` (:meth:`output_size`).
+        - ``weight``: ``(breadth, out_channels, in_channels, kH, kW)``; ``bias``:
+          ``(out_channels,)``, shared by all experts.
+
+    Example::
+
+        >>> layer = SwitchedConv2d(16, 32, 3, padding=1, breadth=4)
+        >>> layer(torch.randn(2, 16, 8, 8)).shape
+        torch.Size([2, 32, 8, 8])
     """
+
+    supports_groups = False
 
     def __init__(
         self,
@@ -42,6 +74,7 @@ class SwitchedConv2d(nn.Module):
         stride: IntOrPair = 1,
         padding: IntOrPair = 0,
         dilation: IntOrPair = 1,
+        groups: int = 1,
         bias: bool = True,
         *,
         breadth: int = 8,
@@ -57,12 +90,7 @@ class SwitchedConv2d(nn.Module):
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.in_channels = positive_int(in_channels, "in_channels")
-        self.out_channels = positive_int(out_channels, "out_channels")
-        self.kernel_size = pair(kernel_size, "kernel_size", minimum=1)
-        self.stride = pair(stride, "stride", minimum=1)
-        self.padding = pair(padding, "padding", minimum=0)
-        self.dilation = pair(dilation, "dilation", minimum=1)
+        self._set_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
         self.breadth = positive_int(breadth, "breadth")
         self.routing = choice(routing, "routing", ROUTINGS)
         self.backend = choice(backend, "backend", SWITCHED_BACKENDS)
@@ -75,7 +103,6 @@ class SwitchedConv2d(nn.Module):
 
         # breadth 1 has nothing to choose: no selector, exactly an nn.Conv2d.
         self.selector: nn.Module | None = None
-        self.selector_name = selector if isinstance(selector, str) else type(selector).__name__
         self.norm: SwitchNorm | None = None
         if self.breadth > 1:
             if isinstance(selector, nn.Module):
@@ -100,30 +127,19 @@ class SwitchedConv2d(nn.Module):
 
     def reset_parameters(self) -> None:
         """Initialise every expert like an ``nn.Conv2d`` of the same shape."""
-        for expert in self.weight.data:
-            nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
-        if self.bias is not None:
-            fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
-            bound = 1 / math.sqrt(fan_in)
-            nn.init.uniform_(self.bias, -bound, bound)
+        init_experts(self.weight, self.bias)
         if self.norm is not None:
             self.norm.reset_buffer()
 
-    def extra_repr(self) -> str:
-        s = (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
-            f"breadth={self.breadth}, routing={self.routing!r}"
-        )
-        if self.selector_dropout:
-            s += f", selector_dropout={self.selector_dropout}"
-        return s + f", backend={self.backend!r}"
-
-    def output_size(self, height: int, width: int) -> tuple[int, int]:
-        return (
-            conv_output_size(height, self.kernel_size[0], self.stride[0], self.padding[0], self.dilation[0]),
-            conv_output_size(width, self.kernel_size[1], self.stride[1], self.padding[1], self.dilation[1]),
-        )
+    def _repr_options(self) -> dict:
+        return {
+            **super()._repr_options(),
+            "breadth": self.breadth,
+            "selector_channels": self.selector_channels if self.selector_channels != self.in_channels else None,
+            "routing": self.routing,
+            "selector_dropout": self.selector_dropout,
+            "backend": self.backend,
+        }
 
     # -- routing -----------------------------------------------------------------------
     def routing_probabilities(self, x: torch.Tensor, selector_input: torch.Tensor | None = None) -> torch.Tensor:
@@ -187,10 +203,7 @@ class SwitchedConv2d(nn.Module):
         if self.selector is None:  # breadth 1
             return F.conv2d(x, weight[0], bias, self.stride, self.padding, self.dilation)
         probs = self.routing_probabilities(x, selector_input)
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
+        x, weight, bias = self._autocast(x, weight, bias)
         if self.routing == "hard":
             index, gate = hard_index_gate(probs)
             self._record(index, hard=True)
@@ -209,26 +222,7 @@ class SwitchedConv2d(nn.Module):
         Right after conversion the output equals ``conv``'s whatever the routing; training
         then lets the experts specialise (staged training).
         """
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
-        if conv.groups != 1:
-            raise ValueError(f"SwitchedConv2d.from_conv supports groups=1 only, got groups={conv.groups}")
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"SwitchedConv2d.from_conv supports padding_mode='zeros' only, got {conv.padding_mode!r}")
-        padding = conv_padding(conv)
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            padding,
-            conv.dilation,
-            bias=conv.bias is not None,
-            breadth=breadth,
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
-            **kwargs,
-        )
+        layer = cls(**cls._conv_arguments(conv), breadth=breadth, **kwargs)
         with torch.no_grad():
             layer.weight.copy_(conv.weight.unsqueeze(0).expand_as(layer.weight))
             if conv.bias is not None:
@@ -236,14 +230,3 @@ class SwitchedConv2d(nn.Module):
         layer.train(conv.training)
         return layer
 
-
-def conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
-    """A conv's padding as ints ('valid' -> 0; 'same' when it is symmetric)."""
-    if isinstance(conv.padding, str):
-        if conv.padding == "valid":
-            return (0, 0)
-        total = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation)]
-        if any(t % 2 for t in total):
-            raise ValueError(f"padding='same' with an even receptive field {conv.kernel_size} is asymmetric; not supported")
-        return (total[0] // 2, total[1] // 2)
-    return tuple(conv.padding)  # type: ignore[return-value]
