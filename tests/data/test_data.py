@@ -27,7 +27,7 @@ from dynconv.data import (
 )
 from dynconv.data.classification import CIFAR10_MEAN, CIFAR10_STD
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared data not found at {SHARED}")
 
 
