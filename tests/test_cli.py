@@ -16,7 +16,7 @@ from dynconv import cli
 from dynconv.models import flops
 from dynconv.train import checkpoint as ckpt
 
-from test_train import make_sr_data, sr_config  # noqa: E402  (tests/ is on sys.path under pytest)
+from helpers import make_sr_data, sr_config  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 @pytest.fixture(scope="module")
@@ -127,10 +127,10 @@ def test_info_of_a_config(tmp_path, sr_root, capsys):
     """Params and FLOPs per HR output pixel of a config's model, the per-layer table, --input-size,
     --set, --json; a bad size or source fails naming what was expected."""
     from dynconv.config import load_config
-    from dynconv.train.trainer import build_model
+    from dynconv.train.experiment import build_experiment_model
 
     config = write_config(tmp_path / "sw.yaml", sr_config(sr_root))
-    model = build_model(load_config(config))
+    model = build_experiment_model(load_config(config))
     assert cli.main(["info", str(config), "--by-layer", "--json", str(tmp_path / "info.json")]) == 0
     out = capsys.readouterr().out
     info = json.loads((tmp_path / "info.json").read_text())
@@ -144,7 +144,7 @@ def test_info_of_a_config(tmp_path, sr_root, capsys):
     assert cli.main(["info", str(config), "--input-size", "10", "8", "--set", "model.options.channels=8",
                      "--json", str(tmp_path / "big.json")]) == 0
     big = json.loads((tmp_path / "big.json").read_text())
-    wider = build_model(load_config(config, ["model.options.channels=8"]))
+    wider = build_experiment_model(load_config(config, ["model.options.channels=8"]))
     assert big["flops_per_pixel"] == pytest.approx(flops.flops_per_pixel(wider, (3, 10, 8)))
     assert big["params"] == flops.count_parameters(wider) > info["params"]
     capsys.readouterr()

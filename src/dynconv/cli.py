@@ -253,9 +253,8 @@ def _parse_eval_sets(items: list[str]) -> list[tuple[str, Path]]:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .train import evaluate
-
-    from .train.trainer import evaluate_eval_set, format_cost
+    from .train.evaluation import evaluate_eval_set, evaluate_run
+    from .train.experiment import format_cost
 
     try:
         eval_sets = _parse_eval_sets(args.eval_sets)
@@ -273,7 +272,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         results = [evaluate_eval_set(args.source, name, folder, args.checkpoint, overrides=args.overrides,
                                      max_batches=args.max_batches) for name, folder in eval_sets]
     else:
-        results = [evaluate(args.source, args.checkpoint, overrides=args.overrides, max_batches=args.max_batches)]
+        results = [evaluate_run(args.source, args.checkpoint, overrides=args.overrides, max_batches=args.max_batches)]
     for result in results:
         print(f"{result['model']} on {result.get('eval_set', result['dataset'])} ({result['split']}), checkpoint "
               f"{result['checkpoint']} (step {result['step']}, {result['weights']}):")
@@ -420,7 +419,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .config import ConvertConfig
     from .models import model_task
     from .train import checkpoint as ckpt
-    from .train.trainer import apply_conversion, conversion_record, load_checkpoint_model
+    from .train.experiment import apply_conversion, conversion_record, load_checkpoint_model
 
     _check_convert_options(args)
     source = ckpt.resolve_checkpoint(args.checkpoint)
@@ -486,7 +485,7 @@ def _cmd_viz(args: argparse.Namespace) -> int:
     from .insight import switched_layers
     from .models import model_task
     from .train import checkpoint as ckpt
-    from .train.trainer import load_checkpoint_model
+    from .train.experiment import load_checkpoint_model
     from .viz import save_selector_maps
 
     _check_image_files(args.images)
@@ -536,12 +535,12 @@ def _info_model(source: Path, overrides: list[str]) -> tuple[Any, Any, Path | No
     without a checkpoint yet falls back to its config.yaml)."""
     from .config import config_from_dict, load_config
     from .train import checkpoint as ckpt
-    from .train.trainer import build_model, check_config, config_of_checkpoint, load_checkpoint_model
+    from .train.experiment import build_experiment_model, check_config, config_of_checkpoint, load_checkpoint_model
 
     if source.is_file() and source.name not in (ckpt.MODEL_FILE, ckpt.META_FILE, ckpt.STATE_FILE, ckpt.EMA_FILE):
         config = load_config(source, overrides)
         check_config(config, training=False)
-        return build_model(config), config, None, {}
+        return build_experiment_model(config), config, None, {}
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist (expected a YAML config, a run directory or a checkpoint directory)")
     has_config = source.is_dir() and (source / "config.yaml").is_file()
@@ -555,7 +554,7 @@ def _info_model(source: Path, overrides: list[str]) -> tuple[Any, Any, Path | No
             raise
         config = load_config(source, overrides)
         check_config(config, training=False)
-        return build_model(config), config, None, {}
+        return build_experiment_model(config), config, None, {}
     config = config_of_checkpoint(source if has_config else checkpoint)
     if overrides:
         config = config_from_dict(config.to_dict(), overrides)
@@ -577,7 +576,7 @@ def _flops(value: float) -> str:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from .models import model_task
-    from .train.trainer import apply_conversion, conversion_record, format_cost, model_cost
+    from .train.experiment import apply_conversion, conversion_record, format_cost, model_cost
 
     if args.input_size is not None and min(args.input_size) < 1:
         print(f"dynconv info: --input-size expects two positive integers H W, got {args.input_size}", file=sys.stderr)
@@ -660,9 +659,5 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
 
 
-def run() -> None:  # console-script wrapper
-    sys.exit(main())
-
-
 if __name__ == "__main__":
-    run()
+    sys.exit(main())

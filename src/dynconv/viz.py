@@ -20,13 +20,25 @@ def _expert_colours(breadth: int) -> np.ndarray:
     return np.asarray([cmap(i / max(breadth - 1, 1))[:3] for i in range(breadth)])
 
 
-def _display_image(image: torch.Tensor) -> np.ndarray:
-    """(C, H, W) -> (H, W, 3) in [0, 1], rescaled per image (inputs are often normalised)."""
+def selector_map_image(selection: torch.Tensor, breadth: int) -> torch.Tensor:
+    """``(H, W)`` expert indices -> ``(3, H, W)`` float colours in [0, 1], the colours of
+    :func:`save_selector_maps` (TensorBoard's selector images)."""
+    colours = torch.as_tensor(_expert_colours(breadth), dtype=torch.float32)
+    return colours[selection.long().cpu()].permute(2, 0, 1)
+
+
+def display_tensor(image: torch.Tensor) -> torch.Tensor:
+    """``(C, H, W)`` -> ``(3, H, W)`` in [0, 1], rescaled per image (inputs are often
+    normalised; one channel is repeated)."""
     img = image.detach().float().cpu()
     img = img[:3] if img.shape[0] >= 3 else img[:1].expand(3, -1, -1)
     lo, hi = img.min(), img.max()
-    img = (img - lo) / (hi - lo).clamp_min(1e-8)
-    return img.permute(1, 2, 0).numpy()
+    return (img - lo) / (hi - lo).clamp_min(1e-8)
+
+
+def _display_image(image: torch.Tensor) -> np.ndarray:
+    """(C, H, W) -> (H, W, 3) in [0, 1], rescaled per image (inputs are often normalised)."""
+    return display_tensor(image).permute(1, 2, 0).numpy()
 
 
 def save_selector_maps(model: nn.Module, images: torch.Tensor, out_dir: str | Path, *, max_images: int = 8) -> list[Path]:

@@ -92,7 +92,7 @@ def _switched_insight(plan: StudyPlan, data: dict[str, Any], report: Report, ima
 
     from ..insight import normalised_entropy, selector_maps, switched_layers
     from ..models import model_task
-    from ..train.trainer import load_checkpoint_model
+    from ..train.experiment import load_checkpoint_model
     from ..viz import _display_image, _expert_colours
 
     image = _first_image(image_folder)

@@ -404,7 +404,7 @@ class StudyRunner:
 
     def _evaluate(self, run: RunPlan, checkpoint: Path) -> dict[str, dict[str, Any]]:
         """Evaluate the final checkpoint on every eval set (``RUN/eval/<set>.json``)."""
-        from ..train.trainer import evaluate_eval_set
+        from ..train.evaluation import evaluate_eval_set
 
         results = {}
         for name, folder in self.plan.eval_sets.items():

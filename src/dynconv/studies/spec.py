@@ -394,7 +394,7 @@ def load_study(
 def check_plan(plan: StudyPlan) -> None:
     """Validate every run's config as ``dynconv train`` would (names, options, types), and
     the branch points (the parent runs the same seed and reaches the step)."""
-    from ..train.trainer import check_config
+    from ..train.experiment import check_config
 
     for run in plan.runs:
         where = f"variants.{run.variant}"

@@ -18,7 +18,7 @@ from dynconv.config import config_from_dict
 from dynconv.train import Trainer
 from dynconv.train import checkpoint as ckpt
 
-from test_train import make_sr_data, sr_config  # noqa: E402  (tests/ is on sys.path under pytest)
+from helpers import make_sr_data, sr_config  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 def _free_port() -> int:

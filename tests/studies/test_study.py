@@ -21,7 +21,7 @@ from dynconv import cli
 from dynconv.studies import load_study
 from dynconv.studies.results import paired_difference, summarise
 
-from test_train import make_sr_data, sr_config  # noqa: E402  (tests/ is on sys.path under pytest)
+from helpers import make_sr_data, sr_config  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 def _write_study(tmp: Path, data_root: Path, second_set: Path, **changes) -> Path:

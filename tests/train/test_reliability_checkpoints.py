@@ -21,7 +21,7 @@ from dynconv.config import config_from_dict
 from dynconv.train import Trainer
 from dynconv.train import checkpoint as ckpt
 
-from test_train import assert_same_weights, final_weights, make_sr_data, sr_config  # noqa: E402
+from helpers import assert_same_weights, final_weights, make_sr_data, sr_config  # noqa: E402
 
 
 # ------------------------------------------------------------------------------ helpers

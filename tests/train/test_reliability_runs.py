@@ -28,7 +28,7 @@ from dynconv.train import checkpoint as ckpt
 from dynconv.train.lock import RunDirLock, RunDirLockedError
 from dynconv.train.logging import read_log
 
-from test_train import assert_same_weights, final_weights, make_sr_data, sr_config  # noqa: E402
+from helpers import assert_same_weights, final_weights, make_sr_data, sr_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")

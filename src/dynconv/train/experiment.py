@@ -1,0 +1,397 @@
+"""An experiment from its config: the config check, the model (its conversions applied, or
+rebuilt from a checkpoint), the datasets, loss terms, optimizer and Accelerator, and the
+model's cost (params, FLOPs per pixel). What the trainer, ``evaluate`` and the CLI build from.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import Config, ConfigError, ConvertConfig, load_config
+from . import checkpoint as ckpt
+from .tasks import METRICS, TASKS, metrics_for
+
+
+# --------------------------------------------------------------------------- config check
+def _registries():
+    from .. import data, losses, models  # noqa: F401  (importing registers the built-ins)
+
+    return models, data, losses
+
+
+def _accepted(fn) -> tuple[set[str], bool]:
+    params = inspect.signature(fn).parameters.values()
+    names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return names, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def check_config(config: Config, *, training: bool = True) -> str:
+    """Check every name and option of ``config`` against the registries, before anything is
+    built; raise :class:`ConfigError` naming the key path. Returns the model's task."""
+    models, data, losses = _registries()
+    if config.model.name not in models.MODELS:
+        raise ConfigError("model.name", f"unknown model {config.model.name!r}; expected one of {sorted(models.MODELS)}")
+    accepted = models.model_options(config.model.name)
+    for key in config.model.options:
+        if key not in accepted:
+            raise ConfigError(f"model.options.{key}", f"unknown option of model {config.model.name!r}; expected one of {sorted(accepted)}")
+    _check_model_values(config)
+    task = models.model_task(config.model.name)
+    if config.data.name not in data.DATASETS:
+        raise ConfigError("data.name", f"unknown dataset {config.data.name!r}; expected one of {sorted(data.DATASETS)}")
+    names, var_kw = _accepted(data.DATASETS[config.data.name])
+    names.discard("split")
+    for section in ("options", "train_options", "eval_options"):
+        for key in getattr(config.data, section):
+            if not var_kw and key not in names:
+                raise ConfigError(f"data.{section}.{key}", f"unknown option of dataset {config.data.name!r}; expected one of {sorted(names)}")
+            if key == "seed":
+                raise ConfigError(f"data.{section}.seed", "the data seed is train.seed; not a dataset option")
+            if key == "on_bad_file":
+                raise ConfigError(f"data.{section}.on_bad_file", "set data.on_bad_file, not a dataset option")
+            if key == "root" and section == "options":
+                raise ConfigError("data.options.root", "set data.root (or a per-split root in data.train_options / data.eval_options)")
+    if config.data.root is not None and "root" not in names and not var_kw:
+        raise ConfigError("data.root", f"dataset {config.data.name!r} takes no root (it has options {sorted(names)})")
+    if config.data.root is None and "root" in names:
+        param = inspect.signature(data.DATASETS[config.data.name]).parameters["root"]
+        if param.default is inspect.Parameter.empty:
+            raise ConfigError("data.root", f"dataset {config.data.name!r} needs a root (a path)")
+    if config.data.device_cache and task != "classification":
+        raise ConfigError("data.device_cache", f"only for classification datasets (cifar10, image_folder); model {config.model.name!r} is {task}")
+    for i, term in enumerate(config.losses):
+        if term.name not in losses.LOSSES:
+            raise ConfigError(f"losses[{i}].name", f"unknown loss {term.name!r}; expected one of {sorted(losses.LOSSES)}")
+        lnames, lvar = _accepted(losses.LOSSES[term.name])
+        for key in term.options:
+            if key == "weight":
+                raise ConfigError(f"losses[{i}].options.weight", f"set the weight as losses[{i}].weight, not as an option")
+            if not lvar and key not in lnames:
+                raise ConfigError(f"losses[{i}].options.{key}", f"unknown option of loss {term.name!r}; expected one of {sorted(lnames)}")
+    for i, name in enumerate(config.eval.metrics):
+        if name not in METRICS:
+            raise ConfigError(f"eval.metrics[{i}]", f"unknown metric {name!r}; expected one of {sorted(METRICS)}")
+        if task not in METRICS[name][0]:
+            raise ConfigError(f"eval.metrics[{i}]", f"metric {name!r} does not apply to {task} model {config.model.name!r}; "
+                              f"expected one of {metrics_for(task)}")
+    if config.train.precision == "fp16" and use_cpu(config):
+        raise ConfigError("train.precision", "fp16 needs a GPU (loss scaling with GradScaler); on CPU use bf16 or fp32")
+    if config.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device", "cuda requested but torch.cuda.is_available() is False; use auto or cpu")
+    if config.convert is not None and config.train.steps is not None and config.convert.step > config.train.steps:
+        raise ConfigError("convert.step", f"expected a step <= train.steps ({config.train.steps}), got {config.convert.step}")
+    if config.convert is not None:
+        from ..convert import LayerOptionError, check_layer_kwargs
+
+        try:
+            check_layer_kwargs(config.convert.to, config.convert.layer_kwargs())
+        except LayerOptionError as error:
+            key = {"breadth": "breadth", "num_experts": "breadth", "selector": "selector"}.get(error.key)
+            raise ConfigError(f"convert.{key}" if key else f"convert.options.{error.key}", str(error)) from None
+    if config.model.init is not None and training:
+        try:
+            ckpt.resolve_checkpoint(config.model.init)
+        except ckpt.CheckpointError as error:
+            raise ConfigError("model.init", str(error)) from None
+    return task
+
+
+def _check_model_values(config: Config) -> None:
+    """Build the model on the meta device (no memory, no compute) so bad option values,
+    nested ones included (``model.options.layer.breadth=0``), fail with the config check,
+    naming the key path, instead of as a traceback when the trainer builds the model."""
+    from ..models import build_model as build
+
+    options = config.model.options
+    try:
+        with torch.device("meta"):
+            build(config.model.name, **copy.deepcopy(options))
+    except (ValueError, TypeError) as error:
+        raise ConfigError(_option_path(options, str(error)), str(error)) from None
+    except (RuntimeError, NotImplementedError):  # not buildable on the meta device: built later for real
+        pass
+
+
+def _option_path(options: dict[str, Any], message: str) -> str:
+    """The key path of the model option an error message names (nested ones first)."""
+    import re
+
+    head = re.split(r"accepted|expected one of", message)[0]  # not the list of accepted names
+
+    def named(key: str) -> bool:
+        return re.search(rf"(?<![\w.]){re.escape(str(key))}(?![\w])", head) is not None
+
+    for key, value in options.items():
+        if isinstance(value, dict):
+            for sub in value:
+                if named(sub):
+                    return f"model.options.{key}.{sub}"
+    for key in options:
+        if named(key):
+            return f"model.options.{key}"
+    nested = [k for k, v in options.items() if isinstance(v, dict)]
+    return f"model.options.{nested[0]}" if len(nested) == 1 else "model.options"
+
+
+def use_cpu(config: Config) -> bool:
+    return config.train.device == "cpu" or (config.train.device == "auto" and not torch.cuda.is_available())
+
+
+# ------------------------------------------------------------------------------- models
+def apply_conversion(model: nn.Module, record: dict[str, Any]) -> list[str]:
+    """Apply one conversion record (``{"to", "include", "kwargs", ...}``) to ``model``."""
+    from ..convert import convert
+
+    include = record.get("converted") or record["include"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        names = convert(model, to=record["to"], include=list(include), **record.get("kwargs", {}))
+    return list(names)
+
+
+def conversion_record(cfg: ConvertConfig, step: int | None = None) -> dict[str, Any]:
+    return {"to": cfg.to, "include": list(cfg.include), "kwargs": cfg.layer_kwargs(), "step": step}
+
+
+def build_experiment_model(config: Config, conversions: list[dict[str, Any]] = ()) -> nn.Module:
+    """The model of ``config`` (``model.name`` and ``model.options``), then each conversion
+    record applied in order (a checkpoint's ``conversions``), so weights saved after a staged
+    conversion load into it."""
+    from ..models import build_model as build
+
+    model = build(config.model.name, **copy.deepcopy(config.model.options))
+    for record in conversions:
+        apply_conversion(model, record)
+    return model
+
+
+def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ckpt.CheckpointError(
+            f"{where} does not match the model: missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''} "
+            "(is it from another model, or converted differently?)"
+        )
+
+
+def load_checkpoint_model(checkpoint: str | Path, config: Config | None = None, *, ema: bool = False) -> tuple[nn.Module, Config, dict]:
+    """Rebuild the model of a checkpoint (its conversions applied) and load its weights
+    (the EMA weights with ``ema=True`` when present). Returns ``(model, config, meta)``."""
+    path = ckpt.resolve_checkpoint(checkpoint)
+    meta = ckpt.read_meta(path)
+    if config is None:
+        config = config_of_checkpoint(path)
+    model = build_experiment_model(config, meta.get("conversions", []))
+    weights_file = path / (ckpt.EMA_FILE if ema and (path / ckpt.EMA_FILE).is_file() else ckpt.MODEL_FILE)
+    load_model_weights(model, ckpt.load_weights(weights_file), str(weights_file))
+    return model, config, meta
+
+
+def config_of_checkpoint(path: str | Path) -> Config:
+    path = Path(path)
+    for candidate in (path / "config.yaml", path.parent.parent / "config.yaml", path.parent / "config.yaml"):
+        if candidate.is_file():
+            return load_config(candidate)
+    raise FileNotFoundError(f"no config.yaml in {path} or its run directory; pass the config explicitly")
+
+
+
+def to_channels_last(model: nn.Module) -> None:
+    """Channels-last memory format for every 4-D parameter and buffer (``Module.to`` refuses
+    models that also hold 5-D tensors, such as a switched conv's experts)."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.dim() == 4:
+                t.data = t.data.contiguous(memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------------------------------- building
+def build_split(config: Config, split: str, split_options: dict[str, Any]):
+    """The dataset of ``split``: ``data.options`` and ``data.root``, then the split's own
+    options (a split may have its own root); ``train.seed`` and ``data.on_bad_file`` go to the
+    datasets that take them."""
+    from ..data import DATASETS, build_dataset
+
+    cfg = config.data
+    names, var_kw = _accepted(DATASETS[cfg.name])
+    options = dict(cfg.options)
+    if cfg.root is not None:
+        options["root"] = cfg.root
+    options.update(split_options)  # a split may have its own root
+    if "seed" in names or var_kw:
+        options["seed"] = config.train.seed
+    if "on_bad_file" in names or var_kw:
+        options["on_bad_file"] = cfg.on_bad_file
+    return build_dataset(cfg.name, split, **options)
+
+
+def check_split_images(task: str, split: str, dataset, metric_names: list[str]) -> None:
+    """Every image of an SR split must fit before the first step (a file that does not
+    would otherwise crash the run at its first evaluation, or mid-epoch): at least
+    ``scale`` (and the training ``patch_size``) pixels per side, and for ``psnr_y`` /
+    ``ssim_y``, which shave ``scale`` pixels at each border, more than ``2 * scale``.
+    Sizes come from the cache or the file headers. Raises DatasetError naming the file."""
+    if task != "super_resolution" or not hasattr(dataset, "hr_sizes"):
+        return
+    from ..data import DatasetError
+
+    scale, patch = int(dataset.scale), dataset.patch_size
+    shaved = [m for m in metric_names if m in ("psnr_y", "ssim_y")] if split == "eval" else []
+    for source, (h, w) in dataset.hr_sizes():
+        side = min(h, w) if patch is None else min(h, w, patch)
+        size = f"{h}x{w}" + (f" (cropped to a multiple of scale {scale})" if scale > 1 else "")
+        if min(h, w) < max(scale, patch or 0):
+            need = f"patch_size={patch}" if patch else f"scale={scale}"
+            raise DatasetError(f"{split} image {source} is {size}, smaller than {need}; remove it "
+                               "or set data.on_bad_file=skip")
+        if shaved and side <= 2 * scale:
+            raise DatasetError(f"eval image {source} is {size}: {'/'.join(shaved)} shave {scale} pixels at each "
+                               f"border and need more than {2 * scale} pixels per side; remove it from the eval set")
+
+
+def build_loss_terms(config: Config, device: torch.device) -> list[tuple[str, float, Any, bool]]:
+    """``[(name, weight, loss, needs_model)]`` of ``config.losses``, on ``device``."""
+    from ..losses import build_loss
+
+    terms = []
+    for term in config.losses:
+        fn = build_loss(term.name, **term.options)
+        if isinstance(fn, nn.Module):
+            fn.to(device)
+        terms.append((term.name, term.weight, fn, bool(getattr(fn, "needs_model", False))))
+    return terms
+
+
+def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """``config.optim`` over the trainable parameters of ``model``."""
+    o = config.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+    cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+    return cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+def carry_optimizer_state(old: torch.optim.Optimizer, old_params: dict[str, nn.Parameter],
+                          new: torch.optim.Optimizer, model: nn.Module) -> None:
+    """After a conversion, ``new`` (built over the converted ``model``) continues ``old``:
+    the groups' learning rates, and the state of surviving parameters; a converted layer's
+    parameter keeps the state of the one it replaces when name and shape agree (a switched
+    conv's bias). ``old_params``: the named parameters before the conversion."""
+    for group, old_group in zip(new.param_groups, old.param_groups):
+        for key in ("initial_lr", "lr"):
+            if key in old_group:
+                group[key] = old_group[key]
+    for name, p in model.named_parameters():
+        previous = old_params.get(name)
+        if previous is None or previous not in old.state:
+            continue
+        if previous is p:
+            new.state[p] = old.state[previous]
+        elif previous.shape == p.shape:
+            new.state[p] = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in old.state[previous].items()}
+
+
+# ---------------------------------------------------------------------------- accelerate
+def _distributed_env() -> bool:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+def make_accelerator(config: Config):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    if not _distributed_env():
+        # A single process may train several models in turn (tests, `eval` after `train`):
+        # start from a fresh Accelerate state each time.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.train.precision]
+    return Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=config.train.accumulate,
+        cpu=use_cpu(config),
+        step_scheduler_with_optimizer=False,
+    )
+
+
+
+# ---------------------------------------------------------------------------- model cost
+DEFAULT_LR_SIZE = 48  # SR input when the data config names no patch size (match_flops' lr_size)
+DEFAULT_IMAGE_SIZE = 32  # CIFAR-10
+
+
+def default_input_size(config: Config) -> tuple[int, int, str]:
+    """``(H, W, where it comes from)`` of the model input that costs are quoted for: the
+    training crop (SR: ``patch_size / scale``, the LR patch), else the data's ``size``, else
+    48 (SR LR) or 32 (CIFAR). CondConv's per-example cost is spread over these pixels."""
+    from ..data import DATASETS
+    from ..models import model_task
+
+    defaults: dict[str, Any] = {}
+    if config.data.name in DATASETS:
+        params = inspect.signature(DATASETS[config.data.name]).parameters.values()
+        defaults = {p.name: p.default for p in params if p.default is not p.empty}
+
+    def pick(key: str) -> tuple[Any, str]:
+        for section in ("train_options", "options"):
+            value = getattr(config.data, section).get(key)
+            if value is not None:
+                return value, f"data.{section}.{key}"
+        if defaults.get(key) is not None:
+            return defaults[key], f"{config.data.name}'s default {key}"
+        return None, ""
+
+    if model_task(config.model.name) == "super_resolution":
+        patch, where = pick("patch_size")
+        scale = pick("scale")[0] or config.model.options.get("scale") or 2
+        if patch:
+            side = int(patch) // int(scale)
+            return side, side, f"LR patch: {where} {patch} / scale {scale}"
+        return DEFAULT_LR_SIZE, DEFAULT_LR_SIZE, "default LR size (the data config names no patch_size)"
+    size, where = pick("size")
+    if size:
+        return int(size), int(size), where
+    return DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE, "CIFAR-10 default"
+
+
+def model_cost(model: nn.Module, config: Config, input_size: tuple[int, int] | None = None, *,
+               by_layer: bool = False) -> dict[str, Any]:
+    """Params and FLOPs per pixel of ``model`` (:mod:`dynconv.models.flops`: switched and cond
+    convs at their active cost) for an input of ``input_size`` (H, W; default
+    :func:`default_input_size`), so runs, ``eval`` and ``info`` quote the same numbers."""
+    from ..models import model_options, model_task
+    from ..models.flops import model_summary
+
+    if input_size is None:
+        h, w, source = default_input_size(config)
+    else:
+        (h, w), source = input_size, "given"
+    channels = {**model_options(config.model.name), **config.model.options}.get("in_channels", 3)
+    channels = channels if isinstance(channels, int) and channels > 0 else 3
+    summary = model_summary(model, (channels, int(h), int(w)))
+    cost = {"params": summary["params"], "flops_per_pixel": summary["flops_per_pixel"],
+            "flops_per": TASKS[model_task(config.model.name)].flops_per, "input_size": [channels, int(h), int(w)],
+            "input_size_from": source}
+    if by_layer:
+        cost["by_layer"] = summary["by_layer"]
+    return cost
+
+
+def format_cost(cost: dict[str, Any]) -> str:
+    """One line: ``1,234 params, 5,678 FLOPs per HR output pixel (input 3x48x48)``."""
+    return (f"{cost['params']:,} params, {cost['flops_per_pixel']:,.0f} FLOPs per {cost['flops_per']} "
+            f"(input {'x'.join(map(str, cost['input_size']))})")
+

@@ -1,0 +1,145 @@
+"""What differs between the three tasks, in one place: which batch key a model reads, what its
+output is scored against, the default metrics, and the eval metrics (name, the tasks it
+applies to, whether higher is better, and how it is computed per example from
+:mod:`dynconv.metrics`).
+
+The trainer, :func:`~dynconv.train.experiment.check_config` and the model cost read these
+tables instead of branching on the task name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .. import metrics as M
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task: batch keys, output wrapping, defaults.
+
+    ``unit_range``: outputs are images in [0, 1] (super-resolution): predictions are clamped to
+    it before scoring, PSNR's data range is 1 and samples are shown as they are; otherwise
+    PSNR's range is that of the batch's targets and samples are rescaled per image."""
+
+    name: str
+    input: str  # the batch key the model reads
+    output: str  # the key a plain tensor output is wrapped under
+    target: str  # the batch key predictions are scored against
+    metrics: tuple[str, ...]  # default eval.metrics; the first picks the best checkpoint
+    flops_per: str  # which pixels flops_per_pixel divides by (dynconv.models.flops)
+    sample_tags: tuple[str, str] | None = None  # TensorBoard tags of (prediction, target) samples
+    unit_range: bool = False
+
+    def wrap(self, out: Any) -> dict:
+        """The model's output as a dict (plain tensors under :attr:`output`)."""
+        return {self.output: out} if isinstance(out, torch.Tensor) else out
+
+    def scored(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(prediction, target)`` in float32, the prediction clamped to [0, 1] for image tasks."""
+        pred, target = outputs[self.output].float(), batch[self.target].float()
+        return (pred.clamp(0, 1) if self.unit_range else pred), target
+
+    def sample_images(self, outputs: dict, batch: dict) -> list[tuple[str, torch.Tensor]]:
+        """``[(tag, (3, H, W) image)]`` of the first example: the prediction and its target."""
+        if self.sample_tags is None:
+            return []
+        from ..viz import display_tensor
+
+        pred, target = outputs[self.output][0], batch[self.target][0]
+        images = (pred.clamp(0, 1), target) if self.unit_range else (display_tensor(pred), display_tensor(target))
+        return list(zip(self.sample_tags, images))
+
+
+TASKS: dict[str, Task] = {task.name: task for task in (
+    Task("classification", input="image", output="logits", target="label", metrics=("accuracy",),
+         flops_per="input pixel"),
+    Task("super_resolution", input="lr", output="sr", target="hr", metrics=("psnr_y", "ssim_y"),
+         flops_per="HR output pixel", sample_tags=("samples/output", "samples/target"), unit_range=True),
+    Task("reconstruction", input="image", output="reconstruction", target="image", metrics=("psnr", "mse"),
+         flops_per="reconstructed pixel", sample_tags=("samples/reconstruction", "samples/input")),
+)}
+
+# ---------------------------------------------------------------------------------- metrics
+PerExample = Callable[[Task, dict, dict], torch.Tensor]
+
+#: metric -> (tasks it applies to, 'max' if higher is better else 'min')
+METRICS: dict[str, tuple[tuple[str, ...], str]] = {}
+_PER_EXAMPLE: dict[str, PerExample] = {}
+
+
+def _metric(name: str, tasks: tuple[str, ...], mode: str) -> Callable[[PerExample], PerExample]:
+    def register(fn: PerExample) -> PerExample:
+        METRICS[name] = (tasks, mode)
+        _PER_EXAMPLE[name] = fn
+        return fn
+
+    return register
+
+
+_IMAGE_TASKS = ("super_resolution", "reconstruction")
+
+
+@_metric("accuracy", ("classification",), "max")
+def _accuracy(task: Task, outputs: dict, batch: dict) -> torch.Tensor:
+    return M.topk_correct(outputs["logits"], batch["label"]).double()
+
+
+@_metric("top5", ("classification",), "max")
+def _top5(task: Task, outputs: dict, batch: dict) -> torch.Tensor:
+    return M.topk_correct(outputs["logits"], batch["label"], k=5).double()
+
+
+def _scale(batch: dict) -> int:
+    """The SR scale of a batch: the border psnr_y / ssim_y shave."""
+    return max(int(batch["hr"].shape[-1] // batch["lr"].shape[-1]), 0)
+
+
+@_metric("psnr_y", ("super_resolution",), "max")
+def _psnr_y(task: Task, outputs: dict, batch: dict) -> torch.Tensor:
+    return M.psnr_y(*task.scored(outputs, batch), shave=_scale(batch)).double()
+
+
+@_metric("ssim_y", ("super_resolution",), "max")
+def _ssim_y(task: Task, outputs: dict, batch: dict) -> torch.Tensor:
+    return M.ssim_y(*task.scored(outputs, batch), shave=_scale(batch)).double()
+
+
+@_metric("psnr", _IMAGE_TASKS, "max")
+def _psnr(task: Task, outputs: dict, batch: dict) -> torch.Tensor:
+    pred, target = task.scored(outputs, batch)
+    data_range = 1.0 if task.unit_range else float(target.max() - target.min()) or 1.0
+    return M.psnr(pred, target, data_range=data_range)
+
+
+@_metric("mse", _IMAGE_TASKS, "min")
+def _mse(task: Task, outputs: dict, batch: dict) -> torch.Tensor:
+    return M.reconstruction_mse(*task.scored(outputs, batch)).double()
+
+
+@_metric("l1", _IMAGE_TASKS, "min")
+def _l1(task: Task, outputs: dict, batch: dict) -> torch.Tensor:
+    return M.mean_absolute_error(*task.scored(outputs, batch)).double()
+
+
+@_metric("perplexity", ("reconstruction",), "max")
+def _perplexity(task: Task, outputs: dict, batch: dict) -> torch.Tensor:
+    value = outputs.get("perplexity")  # the VQ-VAE's codebook usage, one value per batch
+    return torch.full((batch[task.input].shape[0],), float("nan") if value is None else float(value), dtype=torch.float64)
+
+
+# the weighted training loss, computed by the trainer (it needs the loss terms)
+METRICS["loss"] = (tuple(TASKS), "min")
+
+
+def metrics_for(task: str) -> list[str]:
+    """The metric names that apply to ``task``."""
+    return sorted(name for name, (tasks, _) in METRICS.items() if task in tasks)
+
+
+def per_example_metric(name: str, task: Task, outputs: dict, batch: dict) -> torch.Tensor:
+    """Metric ``name`` per example ``(N,)`` (float64); ``loss`` is the trainer's."""
+    return _PER_EXAMPLE[name](task, outputs, batch)
