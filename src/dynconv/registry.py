@@ -107,7 +107,7 @@ class Registry:
         return f"Registry({self.kind!r}, names={list(self._builders)})"
 
     # -- registration ----------------------------------------------------------------------
-    def register(self, name: str, builder: B | None = None, **meta: Any) -> Any:
+    def register(self, name: str, builder: B | None = None, /, **meta: Any) -> Any:
         """Register ``builder`` under ``name``; without ``builder``, a decorator that does.
 
         ``meta`` must give exactly the keys the registry was created with (checked here, so a
@@ -171,8 +171,9 @@ class Registry:
                 f"{self.kind} {name!r} got unknown option(s) {unknown}; accepted options: {sorted(accepted.names)}"
             )
 
-    def build(self, name: str, *args: Any, **options: Any) -> Any:
-        """``builder(*args, **options)`` after checking the name and the option names."""
+    def build(self, name: str, /, *args: Any, **options: Any) -> Any:
+        """``builder(*args, **options)`` after checking the name and the option names (``name``
+        is positional-only, so a builder may itself take a ``name`` option)."""
         builder = self.get(name)
         self.check_options(name, options)
         return builder(*args, **options)

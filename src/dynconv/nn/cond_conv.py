@@ -192,7 +192,23 @@ class CondConv2d(_ExpertMixture, DynamicConv2d):
 
 
 class CondLinear(_ExpertMixture):
-    """Fully connected CondConv: ``y_n = (sum_i a_ni W_i) x_n + sum_i a_ni b_i``, ``a = route(x_n)``."""
+    """Fully connected CondConv: ``y_n = (sum_i a_ni W_i) x_n + sum_i a_ni b_i``, ``a = route(x_n)``.
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear``.
+        num_experts, routing, temperature: as :class:`CondConv2d`.
+
+    Shape:
+        - Input: ``(*, in_features)``; output: ``(*, out_features)``.
+        - ``weight``: ``(num_experts, out_features, in_features)``; ``bias``:
+          ``(num_experts, out_features)``.
+
+    Example::
+
+        >>> layer = CondLinear(16, 32, num_experts=4)
+        >>> layer(torch.randn(2, 5, 16)).shape
+        torch.Size([2, 5, 32])
+    """
 
     def __init__(
         self,

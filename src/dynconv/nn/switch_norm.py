@@ -54,6 +54,21 @@ class SwitchNorm(nn.Module):
     write) and ``filled`` (True once every row has been written). Until the buffer has
     filled once the layer is the identity. All bookkeeping stays on-device (no host sync),
     except the NaN/inf check, which syncs only to emit its warning outside ``torch.compile``.
+
+    Args:
+        breadth: number of experts (dim 1 of the probabilities).
+        buffer_size: training steps of usage history kept.
+
+    Shape:
+        - Input: ``(N, breadth, *)`` probabilities (summing to 1 over dim 1).
+        - Output: same shape, renormalised over dim 1.
+
+    Example::
+
+        >>> norm = SwitchNorm(4, buffer_size=16)
+        >>> probs = torch.softmax(torch.randn(2, 4, 8, 8), dim=1)
+        >>> norm(probs).shape
+        torch.Size([2, 4, 8, 8])
     """
 
     def __init__(self, breadth: int, buffer_size: int = 256) -> None:
