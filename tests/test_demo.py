@@ -80,6 +80,14 @@ def _result(name, psnr, ssim=0.9, params=1000, flops=100.0, per_image=None):
                           curve=[], evals=[])
 
 
+def test_paired_loss_change_covers_the_last_windows():
+    control = [(10, 1.0), (20, 1.0), (30, 2.0), (40, 2.0), (50, 2.0), (60, 2.0)]
+    branch = [(10, 1.1), (20, 1.0), (30, 2.0), (40, 2.0), (50, 2.0), (60, 1.8)]
+    change, steps = demo.paired_loss_change(branch, control)
+    assert change == pytest.approx(-0.1) and steps == 10
+    assert demo.paired_loss_change([(10, 1.0)], [(20, 1.0)]) is None
+
+
 def test_verdict_states_what_the_numbers_show():
     s = demo.DemoSettings(plain_steps=100, branch_steps=50, branches=["switched", "condconv"])
     results = {
@@ -94,6 +102,13 @@ def test_verdict_states_what_the_numbers_show():
     assert "Switched (converted at the branch point) beat the plain control by 0.25 dB" in lines[1]
     assert "higher PSNR on 1 of 2 held-out photos" in lines[1] and "1.04x" in lines[1] and "5.0x" in lines[1]
     assert "CondConv (converted at the branch point) did not beat the plain control: 0.10 dB" in lines[2]
+    assert "training loss" not in lines[1]  # no curves, no paired comparison
+    results["switched"].curve = [(5, 1.0), (10, 0.97)]
+    results["plain"].curve = [(5, 1.0), (10, 1.0)]
+    results["switched"].routing = {"body.0.conv": {"entropy": 0.5}, "body.1.conv": {"entropy": 0.9}}
+    line = demo.verdict(results, 29.0, s)[1]
+    assert "its training loss over the last 5 steps was 3.0% below the control's" in line
+    assert "routing entropy over the last training steps was 0.50-0.90 per layer" in line
     results["condconv"] = _result("condconv", 30.501)
     assert "tied with the plain control" in demo.verdict(results, 29.0, s)[2]
 

@@ -209,7 +209,7 @@ def routing_snapshot(model: torch.nn.Module, lr_image: torch.Tensor) -> dict[str
 
 @dataclass
 class Held:
-    """The held-out images: pairs, names, the first image's LR on the device."""
+    """The held-out images: ``{"lr", "hr"}`` pairs and their names."""
 
     pairs: list[dict]
     names: list[str]
@@ -270,6 +270,19 @@ def train_run(s: DemoSettings, name: str, config: Config, held: Held, log) -> tu
 
 
 # -------------------------------------------------------------------------------- the story
+def paired_loss_change(curve: list[tuple[int, float]], control: list[tuple[int, float]]) -> tuple[float, int] | None:
+    """The relative change of a branch's training loss against the control's over the last
+    sixth of the logging windows both have (the same batches, so the comparison is paired):
+    ``(mean(loss / control_loss) - 1, steps covered)``, or None without common windows."""
+    reference = dict(control)
+    common = [(step, loss / reference[step]) for step, loss in curve if reference.get(step)]
+    if not common:
+        return None
+    tail = common[-max(1, len(common) // 6):]
+    first = common[-len(tail) - 1][0] if len(common) > len(tail) else 0
+    return float(np.mean([ratio for _, ratio in tail]) - 1), tail[-1][0] - first
+
+
 def verdict(results: dict[str, RunResult], bicubic_psnr: float, s: DemoSettings) -> list[str]:
     """Sentences that say what the measured numbers show (nothing in them is fixed text
     about the outcome: every comparison is computed here)."""
@@ -291,12 +304,22 @@ def verdict(results: dict[str, RunResult], bicubic_psnr: float, s: DemoSettings)
         wins = sum(r.per_image[k]["psnr_y"] > control.per_image[k]["psnr_y"] for k in r.per_image)
         flops = r.flops_per_pixel / control.flops_per_pixel
         params = r.params / control.params
-        lines.append(
+        line = (
             f"{NAMES[name]} (converted at the branch point) {outcome} after the same {s.branch_steps} steps from the "
             "same state on the same batches "
             f"(SSIM-Y {d_ssim:+.4f}; higher PSNR on {wins} of {len(r.per_image)} held-out photos), "
             f"at {flops:.2f}x the plain net's active FLOPs per pixel and {params:.1f}x its parameters."
         )
+        paired = paired_loss_change(r.curve, control.curve)
+        if paired is not None:
+            change, steps = paired
+            line += (f" On the same batches, its training loss over the last {steps} steps was {abs(change):.1%} "
+                     f"{'below' if change < 0 else 'above'} the control's.")
+        if r.routing:
+            entropy = [v["entropy"] for v in r.routing.values()]
+            line += (f" Its selectors' routing entropy over the last training steps was {min(entropy):.2f}-"
+                     f"{max(entropy):.2f} per layer (1: every expert used equally, 0: one expert for every pixel).")
+        lines.append(line)
     lines.append(
         f"One seed, {len(control.per_image)} held-out photos, {s.plain_steps}+{s.branch_steps} steps: a reading of "
         "the method at a tiny budget, not a verdict on it (differences of a few hundredths of a dB are within what "
