@@ -7,6 +7,7 @@ from here, and config checks read the options from here.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import nn
@@ -31,28 +32,29 @@ def _register(kind: str, builder: Any, model_options: tuple[str, ...]) -> None:
         raise ValueError(f"layer kind {kind!r}: model options {unknown} are not arguments of its builder")
 
 
-def involution(
-    in_channels: int,
-    out_channels: int,
-    kernel_size: int,
-    stride: int = 1,
-    *,
-    groups: int | None = None,
-    reduction: int = 4,
-    dilation: int = 1,
-    backend: str = "auto",
-    device=None,
-    dtype=None,
-) -> Involution2d:
+def _options_of(cls: type, skip: tuple[str, ...]):
+    """Decorator: the builder's ``**options`` are ``cls``'s arguments (less ``skip``); written
+    into the builder's signature, so the registry reads them from ``cls`` (listed once)."""
+
+    def decorate(builder):
+        own = [p for p in inspect.signature(builder).parameters.values() if p.kind is not p.VAR_KEYWORD]
+        theirs = [p.replace(kind=p.KEYWORD_ONLY) for p in inspect.signature(cls).parameters.values() if p.name not in skip]
+        builder.__signature__ = inspect.signature(builder).replace(parameters=[*own, *theirs])
+        return builder
+
+    return decorate
+
+
+@_options_of(Involution2d, skip=("channels", "kernel_size", "stride"))
+def involution(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, **options: Any) -> Involution2d:
     """:class:`Involution2d` from conv-shaped arguments; it keeps the channel count, so
-    ``in_channels`` must equal ``out_channels``. It pads 'same' itself and has no bias."""
+    ``in_channels`` must equal ``out_channels``. It pads 'same' itself and has no bias.
+    ``options``: Involution2d's other arguments (``groups``, ``reduction``, ``dilation``, ...)."""
     if in_channels != out_channels:
         raise ValueError(
             f"involution keeps the channel count: needs in_channels == out_channels, got {in_channels} -> {out_channels}"
         )
-    return Involution2d(
-        in_channels, kernel_size, stride, groups, reduction, dilation=dilation, backend=backend, device=device, dtype=dtype
-    )
+    return Involution2d(in_channels, kernel_size, stride, **options)
 
 
 _register("conv", nn.Conv2d, ())
