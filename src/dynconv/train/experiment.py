@@ -17,68 +17,65 @@ from torch import nn
 
 from ..config import Config, ConfigError, ConvertConfig, load_config
 from . import checkpoint as ckpt
-from .tasks import METRICS, TASKS, metrics_for
+from ..registry import Registry
+from .tasks import EVAL_METRICS, METRICS, TASKS, metrics_for
 
 
 # --------------------------------------------------------------------------- config check
-def _registries():
-    from .. import data, losses, models  # noqa: F401  (importing registers the built-ins)
+_DATA_SECTIONS = ("options", "train_options", "eval_options")
+# options a config sets elsewhere, never among a builder's: (registry kind, section, key) -> where
+_SET_ELSEWHERE = {
+    **{("dataset", section, "seed"): "the data seed is train.seed; not a dataset option" for section in _DATA_SECTIONS},
+    **{("dataset", section, "on_bad_file"): "set data.on_bad_file, not a dataset option" for section in _DATA_SECTIONS},
+    ("dataset", "options", "root"): "set data.root (or a per-split root in data.train_options / data.eval_options)",
+    ("loss", "options", "weight"): "set the weight as {path}.weight, not as an option",
+}
 
-    return models, data, losses
 
+def _named_entries(config: Config) -> list[tuple[str, str | None, Registry, str, dict[str, dict]]]:
+    """Every registry entry ``config`` names: ``(key path of the name, key path of its
+    options, registry, name, {option section: options})``."""
+    from ..data import DATASETS
+    from ..losses import LOSSES
+    from ..models import MODELS
 
-def _accepted(fn) -> tuple[set[str], bool]:
-    params = inspect.signature(fn).parameters.values()
-    names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-    return names, any(p.kind is p.VAR_KEYWORD for p in params)
+    return [
+        ("model.name", "model", MODELS, config.model.name, {"options": config.model.options}),
+        ("data.name", "data", DATASETS, config.data.name, {s: getattr(config.data, s) for s in _DATA_SECTIONS}),
+        *((f"losses[{i}].name", f"losses[{i}]", LOSSES, term.name, {"options": term.options})
+          for i, term in enumerate(config.losses)),
+        *((f"eval.metrics[{i}]", None, EVAL_METRICS, name, {}) for i, name in enumerate(config.eval.metrics)),
+    ]
 
 
 def check_config(config: Config, *, training: bool = True) -> str:
     """Check every name and option of ``config`` against the registries, before anything is
     built; raise :class:`ConfigError` naming the key path. Returns the model's task."""
-    models, data, losses = _registries()
-    if config.model.name not in models.MODELS:
-        raise ConfigError("model.name", f"unknown model {config.model.name!r}; expected one of {sorted(models.MODELS)}")
-    accepted = models.model_options(config.model.name)
-    for key in config.model.options:
-        if key not in accepted:
-            raise ConfigError(f"model.options.{key}", f"unknown option of model {config.model.name!r}; expected one of {sorted(accepted)}")
+    from ..data import DATASETS
+    from ..models import model_task
+
+    for name_path, path, registry, name, sections in _named_entries(config):
+        if name not in registry:
+            raise ConfigError(name_path, f"unknown {registry.kind} {name!r}; expected one of {sorted(registry)}")
+        accepted = registry.options(name)
+        for section, options in sections.items():
+            for key in options:
+                elsewhere = _SET_ELSEWHERE.get((registry.kind, section, key))
+                if elsewhere is not None:
+                    raise ConfigError(f"{path}.{section}.{key}", elsewhere.format(path=path))
+                if not accepted.accepts(key):
+                    raise ConfigError(f"{path}.{section}.{key}", f"unknown option of {registry.kind} {name!r}; "
+                                      f"expected one of {sorted(accepted.names)}")
     _check_model_values(config)
-    task = models.model_task(config.model.name)
-    if config.data.name not in data.DATASETS:
-        raise ConfigError("data.name", f"unknown dataset {config.data.name!r}; expected one of {sorted(data.DATASETS)}")
-    names, var_kw = _accepted(data.DATASETS[config.data.name])
-    names.discard("split")
-    for section in ("options", "train_options", "eval_options"):
-        for key in getattr(config.data, section):
-            if not var_kw and key not in names:
-                raise ConfigError(f"data.{section}.{key}", f"unknown option of dataset {config.data.name!r}; expected one of {sorted(names)}")
-            if key == "seed":
-                raise ConfigError(f"data.{section}.seed", "the data seed is train.seed; not a dataset option")
-            if key == "on_bad_file":
-                raise ConfigError(f"data.{section}.on_bad_file", "set data.on_bad_file, not a dataset option")
-            if key == "root" and section == "options":
-                raise ConfigError("data.options.root", "set data.root (or a per-split root in data.train_options / data.eval_options)")
-    if config.data.root is not None and "root" not in names and not var_kw:
-        raise ConfigError("data.root", f"dataset {config.data.name!r} takes no root (it has options {sorted(names)})")
-    if config.data.root is None and "root" in names:
-        param = inspect.signature(data.DATASETS[config.data.name]).parameters["root"]
-        if param.default is inspect.Parameter.empty:
-            raise ConfigError("data.root", f"dataset {config.data.name!r} needs a root (a path)")
+    task = model_task(config.model.name)
+    data_options = DATASETS.options(config.data.name)
+    if config.data.root is not None and not data_options.accepts("root"):
+        raise ConfigError("data.root", f"dataset {config.data.name!r} takes no root (it has options {sorted(data_options.names)})")
+    if config.data.root is None and "root" in data_options.required:
+        raise ConfigError("data.root", f"dataset {config.data.name!r} needs a root (a path)")
     if config.data.device_cache and task != "classification":
         raise ConfigError("data.device_cache", f"only for classification datasets (cifar10, image_folder); model {config.model.name!r} is {task}")
-    for i, term in enumerate(config.losses):
-        if term.name not in losses.LOSSES:
-            raise ConfigError(f"losses[{i}].name", f"unknown loss {term.name!r}; expected one of {sorted(losses.LOSSES)}")
-        lnames, lvar = _accepted(losses.LOSSES[term.name])
-        for key in term.options:
-            if key == "weight":
-                raise ConfigError(f"losses[{i}].options.weight", f"set the weight as losses[{i}].weight, not as an option")
-            if not lvar and key not in lnames:
-                raise ConfigError(f"losses[{i}].options.{key}", f"unknown option of loss {term.name!r}; expected one of {sorted(lnames)}")
     for i, name in enumerate(config.eval.metrics):
-        if name not in METRICS:
-            raise ConfigError(f"eval.metrics[{i}]", f"unknown metric {name!r}; expected one of {sorted(METRICS)}")
         if task not in METRICS[name][0]:
             raise ConfigError(f"eval.metrics[{i}]", f"metric {name!r} does not apply to {task} model {config.model.name!r}; "
                               f"expected one of {metrics_for(task)}")
@@ -222,14 +219,14 @@ def build_split(config: Config, split: str, split_options: dict[str, Any]):
     from ..data import DATASETS, build_dataset
 
     cfg = config.data
-    names, var_kw = _accepted(DATASETS[cfg.name])
+    accepted = DATASETS.options(cfg.name)
     options = dict(cfg.options)
     if cfg.root is not None:
         options["root"] = cfg.root
     options.update(split_options)  # a split may have its own root
-    if "seed" in names or var_kw:
+    if accepted.accepts("seed"):
         options["seed"] = config.train.seed
-    if "on_bad_file" in names or var_kw:
+    if accepted.accepts("on_bad_file"):
         options["on_bad_file"] = cfg.on_bad_file
     return build_dataset(cfg.name, split, **options)
 
@@ -342,8 +339,7 @@ def default_input_size(config: Config) -> tuple[int, int, str]:
 
     defaults: dict[str, Any] = {}
     if config.data.name in DATASETS:
-        params = inspect.signature(DATASETS[config.data.name]).parameters.values()
-        defaults = {p.name: p.default for p in params if p.default is not p.empty}
+        defaults = {k: v for k, v in DATASETS.options(config.data.name).defaults.items() if v is not inspect.Parameter.empty}
 
     def pick(key: str) -> tuple[Any, str]:
         for section in ("train_options", "options"):

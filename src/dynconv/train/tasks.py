@@ -4,17 +4,21 @@ applies to, whether higher is better, and how it is computed per example from
 :mod:`dynconv.metrics`).
 
 The trainer, :func:`~dynconv.train.experiment.check_config` and the model cost read these
-tables instead of branching on the task name.
+tables instead of branching on the task name. Eval metrics are registered in
+:data:`EVAL_METRICS` (a :class:`dynconv.registry.Registry`); :data:`METRICS` is the public
+``name -> (tasks, mode)`` view of it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from .. import metrics as M
+from ..registry import Registry
 
 
 @dataclass(frozen=True)
@@ -64,31 +68,38 @@ TASKS: dict[str, Task] = {task.name: task for task in (
 )}
 
 # ---------------------------------------------------------------------------------- metrics
-PerExample = Callable[[Task, dict, dict], torch.Tensor]
-
-#: metric -> (tasks it applies to, 'max' if higher is better else 'min')
-METRICS: dict[str, tuple[tuple[str, ...], str]] = {}
-_PER_EXAMPLE: dict[str, PerExample] = {}
-
-
-def _metric(name: str, tasks: tuple[str, ...], mode: str) -> Callable[[PerExample], PerExample]:
-    def register(fn: PerExample) -> PerExample:
-        METRICS[name] = (tasks, mode)
-        _PER_EXAMPLE[name] = fn
-        return fn
-
-    return register
-
-
+#: eval metrics by name: ``fn(task, outputs, batch) -> (N,)`` float64, one value per example;
+#: metadata ``tasks`` (the tasks it applies to) and ``mode`` ('max' if higher is better)
+EVAL_METRICS = Registry("metric", meta={"tasks": None, "mode": ("max", "min")})
 _IMAGE_TASKS = ("super_resolution", "reconstruction")
 
 
-@_metric("accuracy", ("classification",), "max")
+class _Directions(Mapping):
+    """``METRICS[name] == (tasks, mode)``: a read-only view of :data:`EVAL_METRICS`' metadata."""
+
+    def __getitem__(self, name: str) -> tuple[tuple[str, ...], str]:
+        if name not in EVAL_METRICS:
+            raise KeyError(name)
+        meta = EVAL_METRICS.meta(name)
+        return meta["tasks"], meta["mode"]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(EVAL_METRICS)
+
+    def __len__(self) -> int:
+        return len(EVAL_METRICS)
+
+
+#: metric -> (tasks it applies to, 'max' if higher is better else 'min')
+METRICS: Mapping[str, tuple[tuple[str, ...], str]] = _Directions()
+
+
+@EVAL_METRICS.register("accuracy", tasks=("classification",), mode="max")
 def _accuracy(task: Task, outputs: dict, batch: dict) -> torch.Tensor:
     return M.topk_correct(outputs["logits"], batch["label"]).double()
 
 
-@_metric("top5", ("classification",), "max")
+@EVAL_METRICS.register("top5", tasks=("classification",), mode="max")
 def _top5(task: Task, outputs: dict, batch: dict) -> torch.Tensor:
     return M.topk_correct(outputs["logits"], batch["label"], k=5).double()
 
@@ -98,48 +109,49 @@ def _scale(batch: dict) -> int:
     return max(int(batch["hr"].shape[-1] // batch["lr"].shape[-1]), 0)
 
 
-@_metric("psnr_y", ("super_resolution",), "max")
+@EVAL_METRICS.register("psnr_y", tasks=("super_resolution",), mode="max")
 def _psnr_y(task: Task, outputs: dict, batch: dict) -> torch.Tensor:
     return M.psnr_y(*task.scored(outputs, batch), shave=_scale(batch)).double()
 
 
-@_metric("ssim_y", ("super_resolution",), "max")
+@EVAL_METRICS.register("ssim_y", tasks=("super_resolution",), mode="max")
 def _ssim_y(task: Task, outputs: dict, batch: dict) -> torch.Tensor:
     return M.ssim_y(*task.scored(outputs, batch), shave=_scale(batch)).double()
 
 
-@_metric("psnr", _IMAGE_TASKS, "max")
+@EVAL_METRICS.register("psnr", tasks=_IMAGE_TASKS, mode="max")
 def _psnr(task: Task, outputs: dict, batch: dict) -> torch.Tensor:
     pred, target = task.scored(outputs, batch)
     data_range = 1.0 if task.unit_range else float(target.max() - target.min()) or 1.0
     return M.psnr(pred, target, data_range=data_range)
 
 
-@_metric("mse", _IMAGE_TASKS, "min")
+@EVAL_METRICS.register("mse", tasks=_IMAGE_TASKS, mode="min")
 def _mse(task: Task, outputs: dict, batch: dict) -> torch.Tensor:
     return M.reconstruction_mse(*task.scored(outputs, batch)).double()
 
 
-@_metric("l1", _IMAGE_TASKS, "min")
+@EVAL_METRICS.register("l1", tasks=_IMAGE_TASKS, mode="min")
 def _l1(task: Task, outputs: dict, batch: dict) -> torch.Tensor:
     return M.mean_absolute_error(*task.scored(outputs, batch)).double()
 
 
-@_metric("perplexity", ("reconstruction",), "max")
+@EVAL_METRICS.register("perplexity", tasks=("reconstruction",), mode="max")
 def _perplexity(task: Task, outputs: dict, batch: dict) -> torch.Tensor:
     value = outputs.get("perplexity")  # the VQ-VAE's codebook usage, one value per batch
     return torch.full((batch[task.input].shape[0],), float("nan") if value is None else float(value), dtype=torch.float64)
 
 
-# the weighted training loss, computed by the trainer (it needs the loss terms)
-METRICS["loss"] = (tuple(TASKS), "min")
+@EVAL_METRICS.register("loss", tasks=tuple(TASKS), mode="min")
+def _loss(task: Task, outputs: dict, batch: dict) -> torch.Tensor:
+    raise NotImplementedError("'loss' is the weighted training loss: Trainer.evaluate computes it from the loss terms")
 
 
 def metrics_for(task: str) -> list[str]:
     """The metric names that apply to ``task``."""
-    return sorted(name for name, (tasks, _) in METRICS.items() if task in tasks)
+    return sorted(name for name in EVAL_METRICS if task in EVAL_METRICS.meta(name)["tasks"])
 
 
 def per_example_metric(name: str, task: Task, outputs: dict, batch: dict) -> torch.Tensor:
     """Metric ``name`` per example ``(N,)`` (float64); ``loss`` is the trainer's."""
-    return _PER_EXAMPLE[name](task, outputs, batch)
+    return EVAL_METRICS.get(name)(task, outputs, batch)
