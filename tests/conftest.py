@@ -14,6 +14,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(scope="module")
+def sr_root(tmp_path_factory):
+    """A tiny SR image folder (``train/``: 6, ``test/``: 2 images of 16x16), one per test module."""
+    from helpers import make_sr_data
+
+    return make_sr_data(tmp_path_factory.mktemp("sr"), size=16)
+
+
 @pytest.fixture
 def f64():
     """Run a test with float64 as the default dtype (gradcheck needs it), then restore."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from dynconv.train import checkpoint as ckpt
 
@@ -54,6 +55,11 @@ def sr_config(root: Path, **sections) -> dict:
     for key, value in sections.items():
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     return cfg
+
+
+def write_config(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

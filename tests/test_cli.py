@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,17 +15,7 @@ from dynconv import cli
 from dynconv.models import flops
 from dynconv.train import checkpoint as ckpt
 
-from helpers import make_sr_data, sr_config  # noqa: E402  (tests/ is on sys.path under pytest)
-
-
-@pytest.fixture(scope="module")
-def sr_root(tmp_path_factory) -> Path:
-    return make_sr_data(tmp_path_factory.mktemp("sr"), size=16)
-
-
-def write_config(path: Path, raw: dict) -> Path:
-    path.write_text(yaml.safe_dump(raw))
-    return path
+from helpers import sr_config, write_config  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["convert"], ["viz"], ["info"]])

@@ -21,7 +21,7 @@ from dynconv.config import config_from_dict
 from dynconv.train import Trainer
 from dynconv.train import checkpoint as ckpt
 
-from helpers import assert_same_weights, final_weights, make_sr_data, sr_config  # noqa: E402
+from helpers import assert_same_weights, final_weights, sr_config  # noqa: E402
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -60,11 +60,6 @@ def one_line_error(err: str) -> str:
     err = err.strip()
     assert err and "\n" not in err and "Traceback" not in err, err
     return err
-
-
-@pytest.fixture(scope="module")
-def sr_root(tmp_path_factory) -> Path:
-    return make_sr_data(tmp_path_factory.mktemp("sr"), size=16)
 
 
 def _config_file(tmp: Path, raw: dict) -> Path:

@@ -28,17 +28,7 @@ from dynconv.train import checkpoint as ckpt
 from dynconv.train.lock import RunDirLock, RunDirLockedError
 from dynconv.train.logging import read_log
 
-from helpers import assert_same_weights, final_weights, make_sr_data, sr_config  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def sr_root(tmp_path_factory) -> Path:
-    return make_sr_data(tmp_path_factory.mktemp("sr"), size=16)
-
-
-def write_config(path: Path, raw: dict) -> Path:
-    path.write_text(yaml.safe_dump(raw))
-    return path
+from helpers import assert_same_weights, final_weights, make_sr_data, sr_config, write_config  # noqa: E402
 
 
 def long_config(root: Path) -> dict:

@@ -217,6 +217,20 @@ def load_nonpersistent_buffers(model: nn.Module, buffers: dict[str, torch.Tensor
 
 
 # --------------------------------------------------------------------------- save / load
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename the finished directory ``tmp`` to ``final``. A non-empty ``final`` (a rename
+    cannot replace it) is moved aside first and removed once ``tmp`` is in place, so a
+    complete directory exists at every moment; a missing or empty one is replaced directly."""
+    old = None
+    if final.exists() and any(final.iterdir()):
+        old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(
     directory: str | Path,
     step: int,
@@ -255,14 +269,7 @@ def save_checkpoint(
             for f in tmp.iterdir():
                 _fsync_file(f)
             _fsync_dir(tmp)
-            old = None
-            if final.exists():
-                old = directory / f".old-{name}-{uuid.uuid4().hex[:8]}"
-                os.replace(final, old)
-            os.replace(tmp, final)
-            _fsync_dir(directory)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            _move_into_place(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -323,14 +330,7 @@ def save_weights_checkpoint(out: str | Path, *, model_state: dict[str, torch.Ten
             for f in tmp.iterdir():
                 _fsync_file(f)
             check_output_dir(out, overwrite=overwrite)  # again: something may have appeared meanwhile
-            old = None
-            if out.exists() and any(out.iterdir()):  # a previous convert output (checked above)
-                old = out.parent / f".old-{out.name}-{uuid.uuid4().hex[:8]}"
-                os.replace(out, old)
-            os.replace(tmp, out)  # onto a missing or empty directory
-            _fsync_dir(out.parent)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            _move_into_place(tmp, out)  # replaces a previous convert output (checked above)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
