@@ -28,9 +28,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log the exit st
 # 1. correctness of the compiled kernels against the float64 reference (CondConv, involution first:
 #    their GPU runs are the newest), then the switched-conv kernels and the custom-op checks
 step "tests condconv+involution" 150 $PY -m pytest -q -x -p no:cacheprovider \
-  tests/test_condconv_backends.py tests/test_involution_backends.py tests/test_partial_gradients.py >> "$log" 2>&1
+  tests/ops/condconv/test_condconv_backends.py tests/ops/involution/test_involution_backends.py tests/ops/test_partial_gradients.py >> "$log" 2>&1
 step "tests switched" 120 $PY -m pytest -q -x -p no:cacheprovider \
-  tests/test_switched_backends.py tests/test_switched_compile.py tests/test_condconv_involution_opcheck.py >> "$log" 2>&1
+  tests/ops/switched tests/ops/test_condconv_involution_opcheck.py >> "$log" 2>&1
 
 # 2. benchmarks: markdown tables on stdout, rows + environment in JSON
 quick=${QUICK:+--quick}

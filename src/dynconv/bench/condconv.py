@@ -178,8 +178,6 @@ def report(args: argparse.Namespace, env: dict[str, str], channels_last: bool, r
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point for ``python -m dynconv.bench condconv``."""
-    import dynconv.ops._custom_ops_cond_inv  # noqa: F401  (registers the fast backends)
-
     args = build_parser().parse_args(argv)
     device, dtypes, channels_last, env = prepare(args)
     experts = tuple(int(v) for v in args.experts.split(","))

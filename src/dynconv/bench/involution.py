@@ -96,8 +96,6 @@ def summary(rows: list[Row]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point for ``python -m dynconv.bench involution``."""
-    import dynconv.ops._custom_ops_cond_inv  # noqa: F401  (registers the fast backends)
-
     parser = build_parser("python -m dynconv.bench involution", experts=False)
     parser.description = __doc__.splitlines()[0]
     args = parser.parse_args(argv)

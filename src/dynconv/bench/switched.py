@@ -63,13 +63,12 @@ class Row:
 
 
 def available_methods(device: torch.device) -> list[str]:
-    from ..ops import switched_gather, switched_triton  # noqa: F401  (register the backends)
-    from ..ops._backend import triton_usable_on
-    from ..ops.switched import HARD_BACKENDS
+    from ..ops.dispatch import triton_runs_on
+    from ..ops.switched import BACKENDS
 
     names = ["nn.Conv2d", "reference", "gather"]
     probe = torch.empty(0, device=device)
-    if "triton" in HARD_BACKENDS and device.type == "cuda" and triton_usable_on(probe):
+    if "triton" in BACKENDS and device.type == "cuda" and triton_runs_on(probe):
         names.append("triton")
     return names
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..ops._backend import MIXTURE_BACKENDS
+from ..ops.condconv import BACKENDS as COND_BACKENDS
 from .._checks import choice, float_input, positive_int
 from .base import DynamicConv2d, IntOrPair, init_experts
 
@@ -152,7 +152,7 @@ class CondConv2d(_ExpertMixture, DynamicConv2d):
         factory = {"device": device, "dtype": dtype}
         self._set_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
         self.num_experts = positive_int(num_experts, "num_experts")
-        self.backend = choice(backend, "backend", MIXTURE_BACKENDS)
+        self.backend = choice(backend, "backend", COND_BACKENDS.names)
         self.route = _ExpertRouting(in_channels, num_experts, routing, temperature, factory)
         self.weight = nn.Parameter(
             torch.empty(num_experts, out_channels, in_channels // groups, *self.kernel_size, **factory)

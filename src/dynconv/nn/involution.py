@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..ops._backend import MIXTURE_BACKENDS
+from ..ops.involution import BACKENDS as INVOLUTION_BACKENDS
 from .._checks import choice, float_input, positive_int
 from .base import DynamicConv2d
 
@@ -67,7 +67,7 @@ class Involution2d(DynamicConv2d):
             groups = max(1, channels // 16)
         self._set_geometry(channels, channels, kernel_size, stride, padding, dilation, groups, square=True)
         self.reduction = positive_int(reduction, "reduction")
-        self.backend = choice(backend, "backend", MIXTURE_BACKENDS)
+        self.backend = choice(backend, "backend", INVOLUTION_BACKENDS.names)
         hidden = max(1, channels // self.reduction)
         self.pool = nn.AvgPool2d(self.stride, self.stride, ceil_mode=True) if self.stride > 1 else nn.Identity()
         self.reduce = nn.Sequential(

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..ops._backend import SWITCHED_BACKENDS
+from ..ops.switched import BACKENDS as SWITCHED_BACKENDS
 from .._checks import choice, float_input, positive_int
 from .base import DynamicConv2d, IntOrPair, init_experts
 from .routing import hard_index_gate
@@ -93,7 +93,7 @@ class SwitchedConv2d(DynamicConv2d):
         self._set_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
         self.breadth = positive_int(breadth, "breadth")
         self.routing = choice(routing, "routing", ROUTINGS)
-        self.backend = choice(backend, "backend", SWITCHED_BACKENDS)
+        self.backend = choice(backend, "backend", SWITCHED_BACKENDS.names)
         if not 0.0 <= float(selector_dropout) < 1.0:
             raise ValueError(f"selector_dropout must be in [0, 1), got {selector_dropout}")
         self.selector_dropout = float(selector_dropout)

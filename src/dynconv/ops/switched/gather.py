@@ -5,7 +5,7 @@ Why: with ``(index, gate)`` routing each output pixel uses one expert, so the de
 grouped GEMMs, output pixels are sorted by expert; each expert's run of pixels is a
 contiguous segment of a patch matrix, and one matmul per expert with the whole patch as the
 reduction (``K = kH*kW*C``) does its share of the conv. Runs on any device (the CPU path,
-and the GPU fallback when Triton is missing).
+and the GPU path where Triton is missing).
 
 Layout: the input is padded once into NHWC rows ``(N*Hp*Wp, C)``; output pixel
 ``(n, ho, wo)`` reads, for tap ``(i, j)``, row ``n*Hp*Wp + (ho*sH + i*dH)*Wp + wo*sW + j*dW``.
@@ -13,19 +13,13 @@ With ``dW == 1`` kernel row ``i`` of a patch is one contiguous ``kW*C`` run of t
 a single ``index_select`` of ``rows * kH`` runs (its row-``memcpy`` path) gathers the
 expert-sorted patch matrix ``(rows, K)``, columns in ``(i, j, c)`` order.
 
-Why one full-``K`` matmul per expert, and not per-kernel-row batched matmuls over fixed-size
-tiles (the previous design): small-``K`` matmuls run below peak and need accumulate passes,
-per-tile weight copies grow with the breadth, and the gate gradient needed extra passes over
-``K``-wide products. Each matmul is also a parallel region with its own packing (~50 us on
-the 2-vCPU VM measured), so runs of experts with similar pixel counts are padded to one
-length and batched into one ``bmm`` (at most :data:`BATCH_WASTE` padding; weights are then a
-view, no copy): at breadth 64, 5 chunks of ~13 experts take 20 batched matmuls (forward
-and backward) instead of 256 matmuls. Expert-sorted pixels live
-in "slots" (:func:`_layout`): each expert owns a run of slots, its pixels first, padding
-slots read an all-zero patch and a zero output gradient. Pixels are processed in chunks of
-at most :data:`PATCH_BYTES` of patches (16 MiB: the chunk stays cache-resident between its
-gather, matmuls and fold, which measured faster than one big buffer, and it bounds the
-scratch); an expert larger than a chunk is split over several.
+Expert-sorted pixels live in "slots" (:func:`_layout`): each expert owns a run of slots, its
+pixels first; padding slots read an all-zero patch and a zero output gradient. Runs of
+experts with similar pixel counts are padded to one length and batched into one ``bmm``
+(at most :data:`BATCH_WASTE` padding; their weights are then a view, no copy), since every
+matmul call is a parallel region with its own packing. Pixels are processed in chunks of at
+most :data:`PATCH_BYTES` of patches, which stay cache-resident between their gather,
+matmuls and fold and bound the scratch memory; an expert larger than a chunk is split.
 
 Backward, per chunk: one patch gather serves ``grad_W_e^T = (gate*g)_e^T P_e``, then the
 patch gradient ``(gate*g)_e W_e`` (into its own buffer), which one ``scatter_add_`` over
@@ -35,16 +29,12 @@ summed in row order, so deterministic), and the gate gradient: ``<g, P_e W_e^T +
 instead of a fourth matmul (pixels with a zero, tiny or non-finite gate are recomputed
 directly, see :func:`_gate_grad_from_dot`).
 
-Memory: on CPU the scratch buffers are kept between calls (``REUSE_BUFFERS``; the forward
-and the backward share them by name, a call never returns them); for N8 C64 64x64 3x3 fp32
-they total about 75 MiB: the 16 MiB patch chunk and the backward's 16 MiB patch-gradient
-chunk, two or three ``(slots, out)`` buffers (slots = pixels plus at most ~1/8 padding:
-<= 9 MiB each) and two padded NHWC input-sized ones (8.6 MiB each), plus two ``breadth`` x
-weight-size buffers (the reordered weights and their gradient: 1.2 MiB each at breadth 8,
-9.4 MiB at 64). Autograd (through
-:mod:`._custom_ops`) saves only the inputs and the routing; the backward re-sorts and
-re-gathers. fp16/bf16 inputs are
-computed in fp32 (CPU half-precision matmuls are slow) and rounded once at the end.
+Memory: on CPU the scratch buffers are kept between calls (:data:`REUSE_BUFFERS`; forward
+and backward share them by name, a call never returns them): the patch chunk, the
+backward's patch-gradient chunk, a few ``(slots, out)`` buffers, two padded NHWC
+input-sized ones and two ``breadth`` x weight-size ones. The custom op saves only the
+inputs and the routing; the backward re-sorts and re-gathers. Design history and
+measurements: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -55,26 +45,17 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from ._custom_ops import call_switched_op, define_switched_op, memory_format_of, not_a_view, output_dtype
-from .switched import HARD_BACKENDS
+from ..custom_op import compute_dtype, memory_format_of, new_output, not_a_view, poison, skipped
+from .functional import check_index_range, output_dtype, sort_key_dtype
 
-#: Debug/test switch: fill outputs with NaN before writing them, so that unwritten elements show.
-POISON = False
-
-#: Keep the large CPU scratch buffers (gathered patches, products) between calls, per thread:
-#: a fresh multi-MiB buffer is page-faulted in on every call, a large share of the time on
-#: the 2-vCPU VM measured. They are released by :func:`release_buffers`.
+#: Keep the large CPU scratch buffers (gathered patches, products) between calls, per
+#: thread: a fresh multi-MiB buffer is page-faulted in on every call.
 REUSE_BUFFERS = True
 
 #: Upper bound on the gathered patch buffer (bytes); more pixels are processed in chunks.
 PATCH_BYTES = 16 * 2**20
 
 _workspace = threading.local()
-
-
-def release_buffers() -> None:
-    """Free this thread's cached scratch buffers (see ``REUSE_BUFFERS``)."""
-    _workspace.store = {}
 
 
 def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -93,15 +74,14 @@ def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torc
 
 #: Experts whose pixel counts are similar are batched: ``g`` of them padded to the longest
 #: one's count ``L`` run as one ``bmm`` (``(g, L, K) @ (g, K, out)``) instead of ``g`` matmuls
-#: (each a parallel region with packing: ~50 us apiece on the 2-vCPU VM), while at most this
-#: share of the batch is padding rows.
+#: (each a parallel region with its own packing), while at most this share of the batch is
+#: padding rows.
 BATCH_WASTE = 1 / 8
 
 #: A chunk holding one expert has a multiple of this many slots (padding slots at the end of
 #: the expert's last piece) and its forward matmul runs as a ``bmm`` over this many row
-#: blocks sharing the weight (its weight gradient over two, summed): MKL's single ``(rows,
-#: K) @ (K, out)`` with a narrow ``out`` ran ~20% below the blocked batch on the 2-vCPU VM
-#: measured (N8 C64 64x64 at b=8: forward matmul 9.1 -> 7.2 ms, weight gradient 8.1 -> 7.0).
+#: blocks sharing the weight (its weight gradient over two, summed): faster than MKL's single
+#: ``(rows, K) @ (K, out)`` with a narrow ``out`` (docs/performance.md).
 ROW_BLOCKS = 4
 
 
@@ -160,8 +140,7 @@ def _layout(counts: list[int], max_rows: int) -> tuple[list[_Chunk], list[int], 
             slot += len(group) * length
         group, length, used = [], 0, 0
 
-    # (Ordering experts by count cuts the padding at breadth 64 from ~8% to ~2%, but the
-    # batches' weights then need copies: measured no faster, so ids stay in order.)
+    # expert ids stay in order (ordering them by count pads less but needs weight copies)
     for e, cnt in enumerate(counts):
         if not cnt:
             continue
@@ -194,13 +173,8 @@ def _plan(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, stride, pa
     flat = index.reshape(-1)
     total = flat.numel()
     device = flat.device
-    # Out-of-range indices would silently pick a wrong expert (or read out of bounds later).
-    if total:
-        lo, hi = (int(v) for v in torch.aminmax(flat))
-        if lo < 0 or hi >= breadth:
-            raise IndexError(f"routing index must lie in [0, {breadth}) (breadth), got values in [{lo}, {hi}]")
-    # a narrow key sorts faster (radix passes per byte): uint8 is ~5x quicker than int64
-    key = flat.to(torch.uint8 if breadth <= 256 else torch.int16 if breadth <= 2**15 else torch.int64)
+    check_index_range(flat, breadth)
+    key = flat.to(sort_key_dtype(breadth - 1))
     order = torch.argsort(key, stable=True)
     count_t = torch.bincount(flat, minlength=breadth)
     counts = count_t.tolist()  # host sync: the layout
@@ -268,8 +242,8 @@ def _expert_batch(t: torch.Tensor, experts: tuple[int, ...]) -> torch.Tensor:
 def _gather_patches(xview: torch.Tensor, base: torch.Tensor, out: torch.Tensor, plan: _Plan) -> None:
     """``out[r] = xview[base[r]]``. With ``dW == 1`` a kernel row of a patch is a contiguous
     ``kW*C`` run of the padded rows, so one ``index_select`` of ``rows * kH`` such runs (into
-    the contiguous patch buffer) takes its row-``memcpy`` path: about 2.5x faster than
-    copying strided ``(kH, kW, C)`` slices."""
+    the contiguous patch buffer) takes its row-``memcpy`` path, much faster than copying
+    strided ``(kH, kW, C)`` slices."""
     if plan.dilation[1] != 1:
         torch.index_select(xview, 0, base, out=out)
         return
@@ -279,42 +253,29 @@ def _gather_patches(xview: torch.Tensor, base: torch.Tensor, out: torch.Tensor, 
     torch.index_select(runs, 0, (base.unsqueeze(1) + offsets).view(-1), out=out.view(-1, plan.kw * plan.c))
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def _flat_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``(breadth, out, kH*kW*C)`` with columns in the patch's ``(i, j, c)`` order: a small
     copy that only swaps ``C`` and the taps (``W_e`` is used as the transposed view
-    ``[e].t()``; the 5-D permute to ``(K, out)`` measured ~3.5x slower at breadth 64)."""
+    ``[e].t()``; a 5-D permute to ``(K, out)`` is several times slower)."""
     b, o, c, kh, kw = weight.shape
     out = _scratch("w_flat", (b * o, kh * kw, c), dtype, weight.device)
-    # as a batch of (C, kH*kW) -> (kH*kW, C) transposes: ~3.5x faster than the 5-D permute copy
+    # as a batch of (C, kH*kW) -> (kH*kW, C) transposes: faster than the 5-D permute copy
     out.copy_(weight.reshape(b * o, c, kh * kw).mT)
     return out.view(b, o, kh * kw * c)
 
 
-def gather_forward(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    index: torch.Tensor,
-    gate: torch.Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    deterministic: bool = False,
+def forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor, gate: torch.Tensor,
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], deterministic: bool = False,
 ) -> torch.Tensor:
     """``gate * (conv(x, weight[index]) + bias)``: one patch gather and one matmul per expert
     (``addmm`` with the bias) over expert-sorted pixels; fp32 compute for fp16/bf16."""
-    cd = _compute_dtype(x.dtype)
+    cd = compute_dtype(x.dtype)
     plan = _plan(x, weight, index, stride, padding, dilation, cd)
     out_ch = weight.shape[1]
     total = index.numel()
     k = plan.kh * plan.kw * plan.c
-    y_slots = _scratch("rows_a", (plan.slots, out_ch), cd, x.device)
-    if POISON:
-        y_slots.fill_(float("nan"))
+    y_slots = poison(_scratch("rows_a", (plan.slots, out_ch), cd, x.device))
     if plan.chunks:
         xview = _padded_view(x, plan, cd)
         w_flat = _flat_weight(weight, cd)
@@ -343,14 +304,7 @@ def gather_forward(
                     torch.baddbmm(b_cd.view(1, 1, out_ch), pm.view(g, rows, k), w_g, out=out)
     y_nat = _scratch("rows_b", (total, out_ch), cd, x.device)
     torch.index_select(y_slots, 0, plan.pixel_slot, out=y_nat)
-    y = torch.empty(
-        (plan.n, out_ch, plan.h_out, plan.w_out),
-        dtype=output_dtype(x, gate),
-        device=x.device,
-        memory_format=memory_format_of(x),
-    )
-    if POISON:
-        y.fill_(float("nan"))
+    y = new_output((plan.n, out_ch, plan.h_out, plan.w_out), x, dtype=output_dtype(x, gate))
     # gate and layout in one pass; never alias the scratch
     if y.is_contiguous():  # as a batch of (pixels, out) -> (out, pixels) transposes: faster than 4-D
         hw = plan.h_out * plan.w_out
@@ -359,20 +313,12 @@ def gather_forward(
     return torch.mul(y_nat.view(plan.n, plan.h_out, plan.w_out, out_ch).permute(0, 3, 1, 2), gate.unsqueeze(1), out=y)
 
 
-def gather_backward(
-    grad: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    index: torch.Tensor,
-    gate: torch.Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    deterministic: bool,
+def backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor,
+    gate: torch.Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], deterministic: bool,
     needs: Sequence[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`gather_forward` for ``x``, ``weight``, ``bias``, ``gate``.
+    """Gradients of :func:`forward` for ``x``, ``weight``, ``bias``, ``gate``.
 
     Per chunk of expert-sorted rows: one patch gather, then per expert ``grad_W_e^T =
     (gate*g)_e^T P_e`` and the patch gradient ``(gate*g)_e W_e`` (its own buffer); one
@@ -384,7 +330,7 @@ def gather_backward(
     """
     need_x, need_w, need_b, need_g = needs
     dtype = x.dtype
-    cd = _compute_dtype(dtype)
+    cd = compute_dtype(dtype)
     plan = _plan(x, weight, index, stride, padding, dilation, cd)
     breadth, out_ch = weight.shape[:2]
     c, kh, kw = plan.c, plan.kh, plan.kw
@@ -406,7 +352,7 @@ def gather_backward(
     gs = _scratch("rows_c", (plan.slots, out_ch), cd, dev)
     torch.index_select(gs_nat, 0, plan.slot_pixel, out=gs)
 
-    grad_b = gs.sum(0).to(weight.dtype) if need_b else weight.new_zeros(out_ch)
+    grad_b = gs.sum(0).to(weight.dtype) if need_b else skipped(x)
     gw = _scratch("gw", (breadth, out_ch, k), cd, dev) if need_w else None  # grad_W^T per expert
     # The gate gradient <g, P W^T + b>: with the patch gradient (gate*g) W at hand it is
     # <(gate*g) W, P> / gate + <g, b> (a row dot instead of a fourth matmul); without it (x
@@ -488,7 +434,7 @@ def gather_backward(
         gx = torch.empty(x.shape, dtype=dtype, device=dev, memory_format=fmt)
         gx.copy_(grid[:, ph : ph + plan.h, pw : pw + plan.w].permute(0, 3, 1, 2))  # never alias the scratch
     else:
-        gx = torch.zeros(x.shape, dtype=dtype, device=dev).contiguous(memory_format=fmt)
+        gx = skipped(x)
     if need_w:
         seen = {e for ch in plan.chunks for e in ch.experts}
         for e in range(breadth):
@@ -497,7 +443,7 @@ def gather_backward(
         grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=dev)  # never alias the scratch
         grad_w.view(breadth * out_ch, c, kh * kw).copy_(gw.view(breadth * out_ch, kh * kw, c).mT)
     else:
-        grad_w = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+        grad_w = skipped(x)
     if need_g and not plan.chunks:
         grad_gate = torch.zeros(gate.shape, dtype=gate.dtype, device=gate.device)
     elif dot_gate:
@@ -506,7 +452,7 @@ def gather_backward(
         pre_nat = pre.index_select(0, plan.pixel_slot).view(plan.n, plan.h_out, plan.w_out, out_ch)
         grad_gate = torch.linalg.vecdot(pre_nat, grad.to(cd).permute(0, 2, 3, 1)).to(gate.dtype)
     else:
-        grad_gate = torch.zeros(gate.shape, dtype=gate.dtype, device=gate.device)
+        grad_gate = skipped(x)
     return gx, grad_w, grad_b, grad_gate
 
 
@@ -552,22 +498,3 @@ def _fold_tapwise(gx_rows: torch.Tensor, pm: torch.Tensor, base: torch.Tensor, t
     for t in range(taps.numel()):
         target = base + taps[t]
         gx_rows.index_put_((target,), gx_rows.index_select(0, target).add_(per_tap[:, t]))
-
-
-_gather_op = define_switched_op("gather", gather_forward, gather_backward)
-
-
-def gather_switched_conv2d(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    routing: tuple[torch.Tensor, torch.Tensor],
-    stride: int | Sequence[int] = 1,
-    padding: int | Sequence[int] = 0,
-    dilation: int | Sequence[int] = 1,
-) -> torch.Tensor:
-    """Hard-routed switched conv through the ``dynconv::switched_conv2d_gather`` custom op."""
-    return call_switched_op(_gather_op, x, weight, bias, routing, stride, padding, dilation)
-
-
-HARD_BACKENDS["gather"] = gather_switched_conv2d

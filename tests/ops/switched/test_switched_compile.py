@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from dynconv.ops import switched_conv2d
-from dynconv.ops import switched_gather, switched_triton  # noqa: F401  (register the ops)
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -2,10 +2,10 @@
 
 Why: CI runs the kernels through Triton's interpreter, which never runs Triton's compiler,
 so errors that only compiled mode raises (layouts, dot shapes, dtypes of constexpr
-branches) would first show on a GPU. ``tests/aot_compile_launches.py`` records the
+branches) would first show on a GPU. ``tools/aot_compile_launches.py`` records the
 launches of the switched-conv, CondConv and involution wrappers (with their CUDA tile
 configs) and compiles each one; it also runs against other Triton versions, e.g. the GPU
-machine's 3.6: ``PYTHONPATH=<dir with triton 3.6> python tests/aot_compile_launches.py``.
+machine's 3.6: ``PYTHONPATH=<dir with triton 3.6> python tools/aot_compile_launches.py``.
 With ``--report`` it prints each launch's shared memory, registers and local-memory
 (spill) bytes; no bf16/fp16 launch may spill.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).with_name("aot_compile_launches.py")
+SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "aot_compile_launches.py"
 
 
 def test_every_launch_compiles_for_sm90(tmp_path):

@@ -1,4 +1,4 @@
-"""CPU path for ``involution2d``: a loop over the ``K*K`` taps on strided views, no unfold buffer.
+"""``backend='cpu'`` for ``involution2d``: a loop over the ``K*K`` taps on strided views, no unfold buffer.
 
 Why: ``F.unfold`` builds a ``K*K``-times larger patch tensor and autograd keeps it for
 backward (49x the input at K=7). Each tap's input window here is a strided *view* of
@@ -10,23 +10,15 @@ input window to stay in cache across the taps.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from ._custom_ops import memory_format_of, skipped
+from ..custom_op import compute_dtype, memory_format_of, new_output, skipped
 
-# Fill outputs with NaN first (tests) so unwritten elements show up.
-POISON_OUTPUTS = os.environ.get("DYNCONV_POISON_OUTPUTS", "0") == "1"
 Pair = tuple[int, int]
 
 # Elements of one chunk's output accumulator: ~1 MiB of fp32 keeps a chunk L2-resident.
 CHUNK_ELEMENTS = 1 << 18
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _chunk(n: int, per_example: int) -> int:
@@ -54,7 +46,7 @@ def _window(t: torch.Tensor, a: int, b: int, ho: int, wo: int, s, d) -> torch.Te
     return t[:, :, h0 : h0 + s[0] * (ho - 1) + 1 : s[0], w0 : w0 + s[1] * (wo - 1) + 1 : s[1]]
 
 
-def involution2d_cpu_forward(
+def forward(
     x: torch.Tensor, kernel: torch.Tensor, kernel_size: Pair, stride: Pair, padding: Pair, dilation: Pair, groups: int
 ) -> torch.Tensor:
     """Forward pass; geometry arguments are int pairs."""
@@ -62,11 +54,9 @@ def involution2d_cpu_forward(
     kh, kw = kernel_size
     ho, wo = kernel.shape[3], kernel.shape[4]
     xp = _padded_nchw(x, padding)
-    y = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device)
-    if POISON_OUTPUTS:
-        y.fill_(float("nan"))
+    y = new_output((n, c, ho, wo), x, memory_format=torch.contiguous_format)
     step = _chunk(n, c * ho * wo)
-    acc_dtype = _acc_dtype(x.dtype)
+    acc_dtype = compute_dtype(x.dtype)
     for n0 in range(0, n, step):
         xc, kc = xp[n0 : n0 + step], kernel[n0 : n0 + step]
         b = xc.shape[0]
@@ -79,7 +69,7 @@ def involution2d_cpu_forward(
     return y.contiguous(memory_format=memory_format_of(x))
 
 
-def involution2d_cpu_backward(
+def backward(
     grad: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, kernel_size: Pair, stride: Pair, padding: Pair,
     dilation: Pair, groups: int, need_input: bool = True, need_kernel: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,13 +81,11 @@ def involution2d_cpu_backward(
     cg = c // groups
     grad = grad.to(x.dtype).contiguous()  # NCHW, as _padded_nchw says why
     xp = _padded_nchw(x, padding)
-    acc_dtype = _acc_dtype(x.dtype)
+    acc_dtype = compute_dtype(x.dtype)
     grad_x, grad_k = skipped(x), skipped(x)
     gxp = torch.zeros(xp.shape, dtype=acc_dtype, device=x.device) if need_input else None
     if need_kernel:
-        grad_k = torch.empty(kernel.shape, dtype=kernel.dtype, device=kernel.device)
-        if POISON_OUTPUTS:
-            grad_k.fill_(float("nan"))
+        grad_k = new_output(kernel.shape, kernel, memory_format=torch.contiguous_format)
     step = _chunk(n, c * ho * wo)
     for n0 in range(0, n, step):
         dy = grad[n0 : n0 + step].unflatten(1, (groups, cg))

@@ -7,23 +7,17 @@ Each requested gradient is checked against the float64 reference; the others sta
 """
 
 import itertools
-import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-import dynconv.ops._custom_ops_cond_inv  # noqa: E402,F401  (registers the backends)
-from dynconv.ops import cond_conv2d, involution2d, switched_conv2d  # noqa: E402
-from dynconv.ops import switched_gather, switched_triton  # noqa: E402,F401  (register the backends)
-from dynconv.ops.condconv import BACKENDS as COND_BACKENDS  # noqa: E402
-from dynconv.ops.condconv import reference_cond_conv2d  # noqa: E402
-from dynconv.ops.involution import BACKENDS as INV_BACKENDS  # noqa: E402
-from dynconv.ops.involution import reference_involution2d  # noqa: E402
-from dynconv.ops.switched import HARD_BACKENDS, reference_switched_conv2d  # noqa: E402
+from dynconv.ops import cond_conv2d, involution2d, switched_conv2d
+from dynconv.ops.condconv import BACKENDS as COND_BACKENDS
+from dynconv.ops.condconv import reference_cond_conv2d
+from dynconv.ops.involution import BACKENDS as INV_BACKENDS
+from dynconv.ops.involution import reference_involution2d
+from dynconv.ops.switched import BACKENDS as HARD_BACKENDS
+from dynconv.ops.switched import reference_switched_conv2d
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 5e-3 if DEVICE == "cuda" else 1e-4

@@ -4,17 +4,10 @@ registration and AOT dispatch, forward and backward ops, for each memory layout.
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-import dynconv.ops._custom_ops_cond_inv  # noqa: E402,F401  (registers the ops)
-from dynconv.ops.condconv import BACKENDS as COND_BACKENDS  # noqa: E402
+from dynconv.ops.condconv import BACKENDS as COND_BACKENDS
 
 HAS_TRITON = "triton" in COND_BACKENDS
 # the interpreter runs every kernel in Python: the AOT-dispatch checks would take minutes

@@ -1,30 +1,27 @@
-"""CPU path for ``cond_conv2d``: grouped convolutions over chunks of examples, explicit backward.
+"""``backend='cpu'`` for ``cond_conv2d``: grouped convolutions over chunks of examples, explicit backward.
 
 Why: the grouped-conv trick (timm) mixes every example's kernel at once and runs one
-grouped conv over the folded batch. On CPU, oneDNN runs that conv within 1.1-1.5x of a
-dense one, and no other formulation we tried was faster (docs/performance.md), so the math
-stays; what changes:
+grouped conv over the folded batch. On CPU, oneDNN runs that conv close to a dense one, and
+no other formulation tried was faster (docs/performance.md), so the math stays; what
+changes:
 
 - the batch goes in chunks of examples (:data:`CHUNK_BYTES` of mixed kernels, input and
-  output), so a dense layer does not write ``N`` kernels at once (N256 C128 k3: 151 MB)
-  and every buffer is cache-sized. With glibc's default malloc, whose page faults on large
-  fresh buffers otherwise dominate, this measured 1.2-1.3x faster than the trick on the
-  dense benchmark shapes; with malloc's thresholds pinned (no page faults) the chunks
-  cost 2-7% instead;
+  output), so a dense layer does not write ``N`` kernels at once and every buffer is
+  cache-sized (fresh large buffers also cost page faults);
 - depthwise kernels larger than 3x3 take their gradient from a correlation of the input
-  with the output gradient, run as a depthwise conv: oneDNN's depthwise weight gradient
-  measured 10-13x slower at 5x5 and 7x7 (N128 C256 14x14: 70 ms against 7 ms);
+  with the output gradient, run as a depthwise conv: oneDNN's depthwise weight gradient is
+  an order of magnitude slower at 5x5 and 7x7;
 - a channels_last batch is folded as channels_last (memory ``H, W, N, C``: one copy that
   moves whole pixels), so oneDNN runs its NHWC kernels instead of reordering every input
-  and output into its blocked layout; depthwise layers always, dense ones on maps of
-  28x28 and more (:data:`NHWC_FOLD_MIN_PIXELS`). Depthwise 3x3, N128 C256 14x14: 1.8x
-  faster than folding it as NCHW;
+  and output into its blocked layout: depthwise layers always, dense ones on larger maps
+  (:data:`NHWC_FOLD_MIN_PIXELS`);
 - backward, per chunk: one ``aten.convolution_backward`` with an output mask (gradients
   nobody asked for, e.g. frozen experts or a first layer's input, are not computed), then
   the chunk's kernel gradients turn into the experts' gradient (accumulated in chunk order:
   deterministic) and the routing weights' gradient with two matmuls. The bias is folded
-  into the conv; outputs keep the input's memory format; one graph node for
-  ``torch.compile``.
+  into the conv; outputs keep the input's memory format.
+
+Pure PyTorch, so it runs on any device. Measurements behind each choice: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -34,16 +31,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._checks import conv_output_size
-from ._custom_ops import memory_format_of, not_a_view, skipped
+from ..._checks import conv_output_size
+from ..custom_op import memory_format_of, not_a_view, skipped
 
 _aten = torch.ops.aten
 Pair = tuple[int, int]
 
 #: Target size of one chunk's mixed kernels + input + output (bytes); at least one example
-#: per chunk. 8 MiB measured best or near it on the dense benchmark shapes (1-32 MiB tried).
-#: Depthwise layers run the whole batch at once: their mixed kernels are tiny, and the copy
-#: of each chunk's output into the result measured costlier than what chunks saved.
+#: per chunk (the best measured size, docs/performance.md). Depthwise layers run the whole
+#: batch at once: their mixed kernels are tiny, and copying each chunk's output into the
+#: result costs more than chunks save.
 CHUNK_BYTES = 8 * 2**20
 
 
@@ -69,10 +66,8 @@ def _chunks(x: torch.Tensor, weight: torch.Tensor, out_hw: tuple[int, int]) -> l
 
 #: A channels_last batch is folded as channels_last (:func:`_fold`), so that oneDNN runs
 #: its NHWC kernels, when its output has at least this many pixels per example; else NCHW.
-#: Depthwise: always (N128 C256 14x14 k3: 1.8x faster than the NCHW fold). Dense and
-#: grouped: from 28x28 on; oneDNN's NHWC kernel gradient is slow on small maps (fwd+bwd,
-#: NHWC against NCHW fold: N256 C128 16x16 341 vs 299 ms, N256 C64 16x16 90 vs 87; but
-#: N64 C128 28x28 180 vs 190, N128 C64 32x32 131 vs 149, N64 C64 56x56 188 vs 223).
+#: Depthwise: always. Dense and grouped: from 28x28 on, since oneDNN's NHWC kernel gradient
+#: is slow on small maps (measurements: docs/performance.md).
 NHWC_FOLD_MIN_PIXELS = {"depthwise": 0, "dense": 512}
 
 
@@ -88,7 +83,7 @@ def _fold(t: torch.Tensor, nhwc: bool = False) -> torch.Tensor:
     ``H, W, n, C``), made from a channels_last ``t`` by one copy that moves whole pixels
     (as fast as a plain copy), so that oneDNN runs its NHWC kernels without the blocked-format
     reorders of every input and output; folding a channels_last batch as NCHW instead is an
-    element-wise transpose, 2-3x slower than the copy."""
+    element-wise transpose, slower than the copy."""
     if not nhwc:
         return t.reshape(1, -1, *t.shape[2:])
     n, c, h, w = t.shape
@@ -132,7 +127,7 @@ def _depthwise_kernel_grad(
     return corr[0, :, : kernel_hw[0], : kernel_hw[1]].reshape(n * out, 1, *kernel_hw)
 
 
-def cond_conv2d_cpu_forward(
+def forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, routing: torch.Tensor,
     stride: Pair, padding: Pair, dilation: Pair, groups: int,
 ) -> torch.Tensor:
@@ -157,7 +152,7 @@ def cond_conv2d_cpu_forward(
     return y
 
 
-def cond_conv2d_cpu_backward(
+def backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, routing: torch.Tensor,
     stride: Pair, padding: Pair, dilation: Pair, groups: int, need_input: bool = True, need_params: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

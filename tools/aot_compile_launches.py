@@ -1,9 +1,10 @@
 """Compile every Triton launch that dynconv's kernel wrappers make on a GPU, for sm_90,
-without a GPU: run by ``tests/test_triton_aot.py`` in a subprocess (Triton reads
+without a GPU: run by ``tests/ops/test_triton_aot.py`` in a subprocess (Triton reads
 ``TRITON_INTERPRET`` at import, and this must run the real compiler, not the interpreter).
 
 How: ``JITFunction.run`` is replaced by a recorder; the wrappers' device-dependent choices
-(tile configs, TF32, the interpreter's bf16 upcast) are set to what they pick on CUDA; the
+(tile configs, TF32, the interpreter's bf16 upcast: ``triton_utils.for_gpu``) are made as
+on CUDA; the
 switched-conv, CondConv and involution wrappers are called on small CPU tensors in the
 configurations that pick different kernels and constexprs (dense, grouped, depthwise,
 premixed kernels, stride 2, channels_last, fp32/bf16/fp16, partial gradients,
@@ -60,19 +61,15 @@ def _record(self: JITFunction, *args, grid, warmup, **kwargs):
 
 
 def _as_on_cuda() -> None:
-    """The wrappers' choices as they are made for CUDA tensors."""
-    from dynconv.ops import _switched_triton_kernels as sw
-    from dynconv.ops import condconv_triton as cc
+    """The wrappers' choices as they are made for CUDA tensors (TF32 as PyTorch's default)."""
+    from dynconv.ops import triton_utils
 
-    cc._dot_f32 = lambda x: False
-    sw._check_device = lambda x: None
-    sw._upcast = lambda x: False
-    sw._precision = lambda x: "tf32" if x.dtype == torch.float32 else "ieee"
-    sw._config = lambda x, out_ch: sw._gpu_config(x.shape[1], out_ch)
+    triton_utils.for_gpu = lambda x: True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def _exercise_switched(gen: torch.Generator) -> None:
-    from dynconv.ops import _switched_triton_kernels as sw
+    from dynconv.ops.switched import triton_launch as sw
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for c, o, k, stride in ((8, 16, 3, 1), (16, 8, 1, 1), (4, 4, 7, 2), (8, 8, 2, 1)):
@@ -84,15 +81,15 @@ def _exercise_switched(gen: torch.Generator) -> None:
             gate = torch.rand(2, ho, ho, generator=gen).to(dtype)
             geometry = ((stride, stride), (k // 2, k // 2), (1, 1))
             for deterministic in (False, True):
-                sw.triton_forward(x, w, b, index, gate, *geometry, deterministic)
+                sw.forward(x, w, b, index, gate, *geometry, deterministic)
                 g = torch.randn(2, o, ho, ho, generator=gen).to(dtype)
                 for needs in ((True, True, True, True), (False, True, True, False), (True, False, False, True)):
-                    sw.triton_backward(g, x, w, b, index, gate, *geometry, deterministic, needs)
+                    sw.backward(g, x, w, b, index, gate, *geometry, deterministic, needs)
 
 
 def _exercise() -> None:
-    from dynconv.ops import condconv_triton as cc
-    from dynconv.ops import involution_triton as inv
+    from dynconv.ops.condconv import triton_launch as cc
+    from dynconv.ops.involution import triton_launch as inv
 
     gen = torch.Generator().manual_seed(0)
     _exercise_switched(gen)
@@ -112,10 +109,10 @@ def _exercise() -> None:
                 geometry = ((stride, stride), (k // 2, k // 2), (1, 1), groups)
                 for premix_min in (1, 10**9):  # premixed kernels on and off
                     cc.PREMIX_MIN_P_TILES = premix_min
-                    y = cc.cond_conv2d_forward(x, w, b, r, *geometry)
+                    y = cc.forward(x, w, b, r, *geometry)
                     g = torch.randn(y.shape, generator=gen).to(dtype).contiguous(memory_format=fmt)
                     for need_input, need_params in ((True, True), (True, False), (False, True)):
-                        cc.cond_conv2d_backward(g, x, w, b, r, *geometry, need_input=need_input, need_params=need_params)
+                        cc.backward(g, x, w, b, r, *geometry, need_input=need_input, need_params=need_params)
             # (c, K, groups, stride): the benchmark's channel groups (16 per group), one wide
             # group (tiles inside one group), groups narrower than a tile, stride 2
             for c, k, groups, stride in ((64, 7, 4, 1), (64, 3, 4, 1), (32, 7, 4, 2), (64, 5, 1, 1), (64, 7, 1, 1), (24, 3, 3, 1)):
@@ -123,10 +120,10 @@ def _exercise() -> None:
                 ho = (9 + 2 * (k // 2) - k) // stride + 1
                 kern = torch.randn(2, groups, k * k, ho, ho, generator=gen).to(dtype)
                 geometry = ((k, k), (stride, stride), (k // 2, k // 2), (1, 1), groups)
-                y = inv.involution2d_forward(x, kern, *geometry)
+                y = inv.forward(x, kern, *geometry)
                 g = torch.randn(y.shape, generator=gen).to(dtype).contiguous(memory_format=fmt)
                 for need_input, need_kernel in ((True, True), (True, False), (False, True)):
-                    inv.involution2d_backward(g, x, kern, *geometry, need_input=need_input, need_kernel=need_kernel)
+                    inv.backward(g, x, kern, *geometry, need_input=need_input, need_kernel=need_kernel)
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int, int]:

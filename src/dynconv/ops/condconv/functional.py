@@ -3,19 +3,23 @@
 ``kernel_n = sum_i a_ni W_i`` and ``bias_n = sum_i a_ni b_i`` (CondConv, Yang et al. 2019;
 Dynamic Convolution, Chen et al. 2020). The reference folds the batch into conv groups,
 so the whole batch is one grouped convolution (no Python loop over examples).
+
+Fast backends: ``'cpu'`` (:mod:`.cpu`, PyTorch, any device) and ``'triton'``
+(:mod:`.triton_launch`). Both run as the custom op ``dynconv::cond_conv2d_fused`` (with
+``..._backward``), defined here, whose ``impl`` argument names the backend.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
-from .._checks import float_input, positive_int
-from ._backend import auto_backend, check_backend
+from ..._checks import conv_output_size, float_input, positive_int
+from ..custom_op import define_op, int_pairs, memory_format_of, skipped
+from ..dispatch import Backends
 
-BACKENDS: dict[str, Callable[..., torch.Tensor]] = {}
+#: The fast backends of ``cond_conv2d``.
+BACKENDS = Backends("cond_conv2d", __package__, {"cpu": ".cpu", "triton": ".triton_launch"}, portable="cpu")
 
 
 def _check(x, weight, bias, routing_weights, groups) -> None:
@@ -47,6 +51,57 @@ def reference_cond_conv2d(x, weight, bias, routing_weights, stride=1, padding=0,
     return y
 
 
+# ----------------------------------------------------------------------------- custom op
+
+_SCHEMA = (
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor routing_weights, SymInt[] stride, SymInt[] padding, "
+    "SymInt[] dilation, SymInt groups, str impl) -> Tensor"
+)
+_BACKWARD_SCHEMA = (
+    "(Tensor grad, Tensor x, Tensor weight, Tensor? bias, Tensor routing_weights, SymInt[] stride, "
+    "SymInt[] padding, SymInt[] dilation, SymInt groups, str impl, bool need_input, bool need_params) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def _forward(x, weight, bias, routing_weights, stride, padding, dilation, groups, impl):
+    return BACKENDS.module(impl).forward(x, weight, bias, routing_weights, stride, padding, dilation, groups)
+
+
+def _backward(grad, x, weight, bias, routing_weights, stride, padding, dilation, groups, impl, need_input, need_params):
+    return BACKENDS.module(impl).backward(
+        grad, x, weight, bias, routing_weights, stride, padding, dilation, groups, need_input, need_params
+    )
+
+
+def _fake(x, weight, bias, routing_weights, stride, padding, dilation, groups, impl):
+    ho = conv_output_size(x.shape[2], weight.shape[3], stride[0], padding[0], dilation[0])
+    wo = conv_output_size(x.shape[3], weight.shape[4], stride[1], padding[1], dilation[1])
+    return x.new_empty((x.shape[0], weight.shape[1], ho, wo)).contiguous(memory_format=memory_format_of(x))
+
+
+def _backward_fake(grad, x, weight, bias, routing_weights, stride, padding, dilation, groups, impl, need_input, need_params):
+    gx = x.new_empty(x.shape).contiguous(memory_format=memory_format_of(x)) if need_input else skipped(x)
+    if not need_params:
+        return gx, skipped(x), skipped(x), skipped(x)
+    gb = bias.new_empty(bias.shape) if bias is not None else skipped(x)
+    return gx, weight.new_empty(weight.shape), gb, routing_weights.new_empty(routing_weights.shape)
+
+
+_OP = define_op(
+    "cond_conv2d_fused",
+    _SCHEMA,
+    _forward,
+    _fake,
+    _BACKWARD_SCHEMA,
+    _backward,
+    _backward_fake,
+    saved=4,
+    grad_of=(0, 1, 2, 3),
+    flags=lambda need: (need[0], need[1] or need[2] or need[3]),
+)
+
+
 def cond_conv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -58,14 +113,17 @@ def cond_conv2d(
     groups: int = 1,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Conditionally parameterised convolution; ``routing_weights`` is ``(N, num_experts)``."""
-    check_backend(backend, ("auto", "reference", *BACKENDS))
+    """Conditionally parameterised convolution; ``routing_weights`` is ``(N, num_experts)``.
+
+    ``backend``: ``'auto'`` (see :mod:`dynconv.ops.dispatch`: triton for CUDA tensors, else
+    cpu), ``'reference'``, ``'cpu'``, ``'triton'``.
+    """
+    BACKENDS.check(backend)
     _check(x, weight, bias, routing_weights, groups)
-    if backend == "auto":
-        backend = auto_backend(x, BACKENDS)
+    backend = BACKENDS.choose(backend, x)
     if backend == "reference":
         return reference_cond_conv2d(x, weight, bias, routing_weights, stride, padding, dilation, groups)
-    return BACKENDS[backend](x, weight, bias, routing_weights, stride, padding, dilation, groups)
+    return _OP(x, weight, bias, routing_weights, *int_pairs(stride, padding, dilation), groups, backend)
 
 
 def cond_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, routing_weights: torch.Tensor) -> torch.Tensor:

