@@ -113,10 +113,29 @@ def cond_conv2d(
     groups: int = 1,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Conditionally parameterised convolution; ``routing_weights`` is ``(N, num_experts)``.
+    """Conditionally parameterised convolution: example ``n`` is convolved with the kernel
+    ``sum_i routing_weights[n, i] * weight[i]`` (and the bias mixed the same way).
 
-    ``backend``: ``'auto'`` (see :mod:`dynconv.ops.dispatch`: triton for CUDA tensors, else
-    cpu), ``'reference'``, ``'cpu'``, ``'triton'``.
+    Args:
+        x: the input.
+        weight: the expert kernels.
+        bias: per-expert biases, or ``None``.
+        routing_weights: each example's expert weights.
+        stride, padding, dilation, groups: as ``F.conv2d``.
+        backend: ``'auto'`` (see :mod:`dynconv.ops.dispatch`: triton for CUDA tensors, else
+            cpu), ``'reference'``, ``'cpu'``, ``'triton'``.
+
+    Shape:
+        - ``x``: ``(N, in_channels, H, W)``; ``weight``: ``(num_experts, out_channels,
+          in_channels / groups, kH, kW)``; ``bias``: ``(num_experts, out_channels)``;
+          ``routing_weights``: ``(N, num_experts)``.
+        - Output: ``(N, out_channels, H_out, W_out)``, as ``F.conv2d``.
+
+    Example::
+
+        >>> x, weight = torch.randn(2, 4, 8, 8), torch.randn(3, 6, 4, 3, 3)
+        >>> cond_conv2d(x, weight, None, torch.rand(2, 3), padding=1).shape
+        torch.Size([2, 6, 8, 8])
     """
     BACKENDS.check(backend)
     _check(x, weight, bias, routing_weights, groups)
@@ -127,7 +146,18 @@ def cond_conv2d(
 
 
 def cond_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, routing_weights: torch.Tensor) -> torch.Tensor:
-    """``y_n = (sum_i a_ni W_i) x_n + sum_i a_ni b_i`` for ``x`` ``(N, in)``, ``weight`` ``(E, out, in)``."""
+    """``y_n = (sum_i a_ni W_i) x_n + sum_i a_ni b_i`` with ``a = routing_weights``.
+
+    Shape:
+        ``x``: ``(N, in_features)``; ``weight``: ``(num_experts, out_features, in_features)``;
+        ``bias``: ``(num_experts, out_features)`` or ``None``; ``routing_weights``:
+        ``(N, num_experts)``; output: ``(N, out_features)``.
+
+    Example::
+
+        >>> cond_linear(torch.randn(2, 4), torch.randn(3, 6, 4), None, torch.rand(2, 3)).shape
+        torch.Size([2, 6])
+    """
     if weight.dim() != 3:
         raise ValueError(f"weight must be 3-D (num_experts, out_features, in_features), got {tuple(weight.shape)}")
     float_input(x, "x", ndim=2, channels=weight.shape[2])

@@ -101,10 +101,27 @@ def involution2d(
     groups: int = 1,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Apply per-pixel kernels ``kernel`` ``(N, groups, K*K, H_out, W_out)`` to ``x`` ``(N, C, H, W)``.
+    """Apply per-pixel kernels to ``x``: output pixel ``p`` of channel ``c`` is the ``K x K``
+    neighbourhood of ``p`` in channel ``c`` weighted by ``kernel[:, c // (C / groups), :, p]``.
 
-    ``backend``: ``'auto'`` (see :mod:`dynconv.ops.dispatch`: triton for CUDA tensors, else
-    cpu), ``'reference'``, ``'cpu'``, ``'triton'``.
+    Args:
+        x: the input.
+        kernel: the generated kernels, one per output pixel and group.
+        kernel_size: ``K`` (an int or a pair).
+        stride, padding, dilation: as ``F.conv2d``.
+        groups: channel groups sharing a kernel.
+        backend: ``'auto'`` (see :mod:`dynconv.ops.dispatch`: triton for CUDA tensors, else
+            cpu), ``'reference'``, ``'cpu'``, ``'triton'``.
+
+    Shape:
+        - ``x``: ``(N, C, H, W)``; ``kernel``: ``(N, groups, K*K, H_out, W_out)``.
+        - Output: ``(N, C, H_out, W_out)``, ``H_out`` / ``W_out`` as ``F.conv2d``.
+
+    Example::
+
+        >>> x, kernel = torch.randn(2, 8, 6, 6), torch.randn(2, 2, 9, 6, 6)
+        >>> involution2d(x, kernel, 3, padding=1, groups=2).shape
+        torch.Size([2, 8, 6, 6])
     """
     BACKENDS.check(backend)
     k, s, p, d = _check(x, kernel, kernel_size, stride, padding, dilation, groups)

@@ -224,9 +224,29 @@ def switched_conv2d(
 ) -> torch.Tensor:
     """Switched convolution. See the module docstring for the routing forms.
 
-    ``backend``: ``'auto'`` (see :mod:`dynconv.ops.dispatch`: triton for CUDA tensors, else
-    gather; soft routing weights always run on the reference), ``'reference'``,
-    ``'gather'``, ``'triton'``.
+    Args:
+        x: the input.
+        weight: the expert kernels.
+        bias: shared by the experts, or ``None``.
+        routing: soft weights ``(N, breadth, H_out, W_out)``, or hard routing as a pair
+            ``(index, gate)`` (:func:`dynconv.nn.hard_index_gate` makes one from probabilities).
+        stride, padding, dilation: as ``F.conv2d`` (ints or pairs).
+        backend: ``'auto'`` (see :mod:`dynconv.ops.dispatch`: triton for CUDA tensors, else
+            gather; soft routing weights always run on the reference), ``'reference'``,
+            ``'gather'``, ``'triton'``.
+
+    Shape:
+        - ``x``: ``(N, in_channels, H, W)``; ``weight``: ``(breadth, out_channels, in_channels,
+          kH, kW)``; ``bias``: ``(out_channels,)``.
+        - ``index``: ``(N, H_out, W_out)`` int64, ``gate``: ``(N, H_out, W_out)`` float.
+        - Output: ``(N, out_channels, H_out, W_out)``, ``H_out`` / ``W_out`` as ``F.conv2d``.
+
+    Example::
+
+        >>> x, weight = torch.randn(2, 4, 8, 8), torch.randn(3, 6, 4, 3, 3)
+        >>> index = torch.randint(3, (2, 8, 8))
+        >>> switched_conv2d(x, weight, None, (index, torch.ones(2, 8, 8)), padding=1).shape
+        torch.Size([2, 6, 8, 8])
     """
     BACKENDS.check(backend)
     _check_weight(x, weight, bias)
