@@ -44,8 +44,8 @@ class ConvReLU(nn.Module):
 
 def _sees_image(conv: nn.Module, image: torch.Tensor) -> bool:
     """A switched hidden layer whose selector takes as many channels as the LR image (and not
-    its own input's) routes by the image: ``selector_channels: 3`` in the layer options or
-    in ``convert``'s options. The author's open question: should selectors see the image?"""
+    its own input's) routes by the image: ``convert`` with ``selector_channels: 3`` in its
+    options (staged training). The author's open question: should selectors see the image?"""
     from ..nn import SwitchedConv2d
 
     return (isinstance(conv, SwitchedConv2d) and conv.selector_channels == image.shape[1]
