@@ -107,7 +107,9 @@ def test_verdict_states_what_the_numbers_show():
     results["plain"].curve = [(5, 1.0), (10, 1.0)]
     results["switched"].routing = {"body.0.conv": {"entropy": 0.5}, "body.1.conv": {"entropy": 0.9}}
     line = demo.verdict(results, 29.0, s)[1]
-    assert "its training loss over the last 5 steps was 3.0% below the control's" in line
+    assert "its training loss over the last 5 steps was 3.0% below the control's." in line  # and it won held-out
+    results["switched"].psnr_y = 30.4
+    assert "below the control's: it fitted the training crops better without a held-out gain" in demo.verdict(results, 29.0, s)[1]
     assert "routing entropy over the last training steps was 0.50-0.90 per layer" in line
     results["condconv"] = _result("condconv", 30.501)
     assert "tied with the plain control" in demo.verdict(results, 29.0, s)[2]
