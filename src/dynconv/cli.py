@@ -6,6 +6,7 @@ Run ``dynconv COMMAND --help`` for each command's options and examples.
 from __future__ import annotations
 
 import argparse
+import errno
 import copy
 import json
 import os
@@ -657,6 +658,16 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, DatasetError, RunDirLockedError, FileNotFoundError) as error:
         print(f"dynconv {args.command}: {error}", file=sys.stderr)
         return EXIT_ERROR
+    except OSError as error:
+        if error.errno not in _STORAGE_ERRORS:
+            raise
+        # a read-only, full or forbidden output directory: one line naming the file, not a traceback
+        where = f" {error.filename}" if error.filename else ""
+        print(f"dynconv {args.command}: cannot write{where}: {error.strerror or error}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+_STORAGE_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
 if __name__ == "__main__":

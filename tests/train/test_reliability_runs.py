@@ -130,6 +130,27 @@ def test_second_concurrent_train_is_refused_at_once(tmp_path, sr_root, capsys):
         assert sorted(p.name for p in run.iterdir()) == [".lock"]
 
 
+@pytest.mark.parametrize("code", ["EROFS", "EACCES", "ENOSPC"])
+def test_unwritable_run_directory_is_one_line(tmp_path, sr_root, capsys, monkeypatch, code):
+    """A read-only (or full, or forbidden) run directory fails at its first write, the lock
+    file: one line naming the file and the reason, exit 1. (Root ignores chmod, so the OS
+    error is simulated.)"""
+    import errno as errno_module
+
+    config = write_config(tmp_path / "c.yaml", sr_config(sr_root, train={"steps": 2}))
+    run = tmp_path / "run"
+    number = getattr(errno_module, code)
+
+    def refuse(self):
+        raise OSError(number, os.strerror(number), str(self.path))
+
+    monkeypatch.setattr(RunDirLock, "acquire", refuse)
+    assert cli.main(["train", str(config), "--run-dir", str(run)]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"cannot write {run / '.lock'}: {os.strerror(number)}" in err
+
+
 def test_sigkill_of_a_running_train_lets_resume_proceed(tmp_path, sr_root, capsys):
     """A real `python -m dynconv train` killed with SIGKILL after its first checkpoint leaves
     its lock file behind; `--resume` is not blocked by it, and the log records the killed
