@@ -27,7 +27,7 @@ commands:
   viz       selector maps and expert-usage charts of a trained model on images
   info      params and FLOPs per output pixel of a config's / run's / checkpoint's model
   study     variants x seeds x eval sets from a study file: results table, report (docs/studies.md)
-  demo      the main job: a small switched-conv SR net on CPU (see `dynconv demo --help`)
+  demo      the main job: staged training in miniature (plain SR net -> switched / CondConv vs the plain control)
 
 examples:
   dynconv train configs/sr_switched_x2.yaml --set train.steps=2000 --run-dir runs/sr
