@@ -138,13 +138,8 @@ def write_study_json(plan: StudyPlan, path: Path | None = None) -> dict[str, Any
 
 # ---------------------------------------------------------------------------------- format
 def _decimals(metric: str) -> int:
-    if metric.startswith("psnr"):
-        return 2
-    if metric.startswith("ssim"):
-        return 4
-    if metric in ("accuracy", "top5"):
-        return 4
-    return 4
+    """dB to 2 decimals; ratios (SSIM, accuracy), errors and losses to 4."""
+    return 2 if metric.startswith("psnr") else 4
 
 
 def fmt_number(value: Any, decimals: int = 2) -> str:

@@ -343,8 +343,8 @@ class StudyRunner:
         if per_step:
             self.step_times[run.variant] = per_step
         run_eta = per_step * (total - last["step"]) if per_step else None
-        pending = [r for r in self.plan.runs if r is not run and not self.is_finished(r)]
-        rest = self._remaining_estimate(pending[self.plan.runs.index(run):] if run in self.plan.runs else pending)
+        later = self.plan.runs[self.plan.runs.index(run) + 1:]  # the runs after this one still to do
+        rest = self._remaining_estimate([r for r in later if not self.is_finished(r)])
         study_eta = (run_eta or 0) + (rest or 0)
         self.echo(f"{head}: step {last['step']:,}/{total:,} loss {last.get('loss', float('nan')):.4g} "
                   f"ETA {_fmt_duration(run_eta)} (study ETA {_fmt_duration(study_eta)})")
