@@ -14,6 +14,7 @@ and RNG up to that step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -412,34 +414,28 @@ class StudyRunner:
         return results
 
     # -- signals -------------------------------------------------------------------------------
+    @contextlib.contextmanager
     def _signals(self):
-        import contextlib
+        """Ctrl-C / SIGTERM: finish the current run's step (it saves), then stop the study."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
-        @contextlib.contextmanager
-        def handler():
-            import threading
+        def stop(signum, frame):
+            self.stop_requested = True
+            child = self.child
+            if child is not None and child.poll() is None and signum == signal.SIGTERM:
+                child.send_signal(signal.SIGTERM)  # SIGINT reaches the child through the terminal
+            self.echo("study: stopping after the current run saves its checkpoint")
 
-            if threading.current_thread() is not threading.main_thread():
-                yield
-                return
-            previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-            def stop(signum, frame):
-                self.stop_requested = True
-                child = self.child
-                if child is not None and child.poll() is None and signum == signal.SIGTERM:
-                    child.send_signal(signal.SIGTERM)  # SIGINT reaches the child through the terminal
-                self.echo("study: stopping after the current run saves its checkpoint")
-
-            for s in previous:
-                signal.signal(s, stop)
-            try:
-                yield
-            finally:
-                for s, h in previous.items():
-                    signal.signal(s, h)
-
-        return handler()
+        for s in previous:
+            signal.signal(s, stop)
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
 
 
 def _normalise(config: dict[str, Any]) -> dict[str, Any]:
