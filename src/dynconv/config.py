@@ -160,7 +160,12 @@ class TrainConfig:
 
 @dataclass
 class ConvertConfig:
-    """Staged training: at optimizer step ``step``, convert the convs matching ``include``."""
+    """Staged training: at optimizer step ``step``, convert the convs matching ``include``.
+
+    ``lr_scale`` multiplies the learning rate of the converted layers' parameters (experts,
+    selector, bias) from the conversion on: the new experts start as copies of a kernel trained
+    at the full rate while the schedule has already decayed, and each sees only its share of
+    the pixels, so they may need a larger step to specialise."""
 
     step: int
     to: Literal["switched", "condconv"] = "switched"
@@ -168,10 +173,13 @@ class ConvertConfig:
     breadth: int = 8
     selector: str = "conv1x1"
     options: dict[str, Any] = field(default_factory=dict)
+    lr_scale: float = 1.0
 
     def validate(self, path: str) -> None:
         _at_least(self.step, 0, f"{path}.step")
         _at_least(self.breadth, 1, f"{path}.breadth")
+        if not self.lr_scale > 0:
+            raise ConfigError(f"{path}.lr_scale", f"expected a learning-rate multiplier > 0, got {self.lr_scale}")
 
     def layer_kwargs(self) -> dict[str, Any]:
         if self.to == "switched":

@@ -200,6 +200,42 @@ def test_resume_across_staged_conversion_is_exact(tmp_path, sr_root):
     assert_same_weights(final_weights(tmp_path / "full"), final_weights(tmp_path / "split"))
 
 
+def test_convert_lr_scale_puts_converted_layers_in_a_scaled_group(tmp_path, sr_root):
+    raw = sr_config(sr_root, model={"name": "sr_plain", "options": {"channels": 4, "num_layers": 3}},
+                    train={"steps": 6}, schedule={"name": "cosine", "warmup_steps": 1},
+                    convert={"step": 2, "include": ["body.*"], "breadth": 2, "lr_scale": 3.0})
+    trainer = Trainer(config_from_dict(raw), tmp_path / "full")
+    trainer.fit(max_steps=4)
+    base, scaled = trainer._optimizer().param_groups
+    converted = {id(p) for p in trainer.raw.body.parameters()}
+    assert {id(p) for p in scaled["params"]} == converted
+    assert not converted & {id(p) for p in base["params"]}
+    # the schedule drives both groups; the converted layers stay at 3x the rate
+    assert base["initial_lr"] == pytest.approx(0.01) and scaled["initial_lr"] == pytest.approx(0.03)
+    assert 0 < base["lr"] < base["initial_lr"] and scaled["lr"] == pytest.approx(3 * base["lr"])
+    meta = ckpt.read_meta(ckpt.latest_checkpoint(tmp_path / "full" / "checkpoints"))
+    assert meta["conversions"][0]["lr_scale"] == 3.0
+    # a resume rebuilds the groups from the checkpoint and continues exactly
+    trainer.fit()
+    Trainer(config_from_dict(raw), tmp_path / "split").fit(max_steps=4)
+    Trainer(config_from_dict(raw), tmp_path / "split", resume=True).fit()
+    assert_same_weights(final_weights(tmp_path / "full"), final_weights(tmp_path / "split"))
+    # the scale changes what the converted layers learn
+    raw["convert"]["lr_scale"] = 1.0
+    Trainer(config_from_dict(raw), tmp_path / "unscaled").fit()
+    unscaled = final_weights(tmp_path / "unscaled")
+    assert not torch.equal(unscaled["body.0.conv.weight"], final_weights(tmp_path / "full")["body.0.conv.weight"])
+
+
+def test_convert_lr_scale_must_be_positive(sr_root):
+    from dynconv.config import ConfigError
+
+    raw = sr_config(sr_root, model={"name": "sr_plain", "options": {"channels": 4, "num_layers": 3}},
+                    convert={"step": 2, "lr_scale": 0})
+    with pytest.raises(ConfigError, match=r"convert\.lr_scale.*> 0, got 0"):
+        config_from_dict(raw)
+
+
 # ----------------------------------------------------------------------------- stopping
 def _register_test_loss():
     from dynconv.losses import LOSSES, register_loss

@@ -10,7 +10,7 @@ import inspect
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -155,7 +155,10 @@ def apply_conversion(model: nn.Module, record: dict[str, Any]) -> list[str]:
 
 
 def conversion_record(cfg: ConvertConfig, step: int | None = None) -> dict[str, Any]:
-    return {"to": cfg.to, "include": list(cfg.include), "kwargs": cfg.layer_kwargs(), "step": step}
+    record = {"to": cfg.to, "include": list(cfg.include), "kwargs": cfg.layer_kwargs(), "step": step}
+    if cfg.lr_scale != 1.0:  # read back by build_optimizer, so a resumed run rebuilds the same groups
+        record["lr_scale"] = cfg.lr_scale
+    return record
 
 
 def build_experiment_model(config: Config, conversions: list[dict[str, Any]] = ()) -> nn.Module:
@@ -268,10 +271,29 @@ def build_loss_terms(config: Config, device: torch.device) -> list[tuple[str, fl
     return terms
 
 
-def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """``config.optim`` over the trainable parameters of ``model``."""
+def optimizer_param_groups(model: nn.Module, lr: float, conversions: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """The trainable parameters of ``model`` as optimizer groups: group 0 at ``lr``, then one
+    group per conversion record with an ``lr_scale`` (its converted layers at ``lr * lr_scale``).
+    A parameter belongs to the last such conversion whose converted module names prefix it."""
+    scaled = [(tuple(r["converted"]), float(r["lr_scale"])) for r in conversions
+              if r.get("lr_scale", 1.0) != 1.0 and r.get("converted")]
+    groups: list[dict[str, Any]] = [{"params": [], "lr": lr}] + [{"params": [], "lr": lr * scale} for _, scale in scaled]
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        index = 0
+        for i, (modules, _) in enumerate(scaled, start=1):
+            if any(name.startswith(m + ".") for m in modules):
+                index = i
+        groups[index]["params"].append(p)
+    return [groups[0]] + [g for g in groups[1:] if g["params"]]
+
+
+def build_optimizer(config: Config, model: nn.Module, conversions: Sequence[dict[str, Any]] = ()) -> torch.optim.Optimizer:
+    """``config.optim`` over the trainable parameters of ``model``; the layers of ``conversions``
+    that carry an ``lr_scale`` (``convert.lr_scale``) get a group of their own."""
     o = config.optim
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = optimizer_param_groups(model, o.lr, conversions)
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
     cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
@@ -284,10 +306,14 @@ def carry_optimizer_state(old: torch.optim.Optimizer, old_params: dict[str, nn.P
     the groups' learning rates, and the state of surviving parameters; a converted layer's
     parameter keeps the state of the one it replaces when name and shape agree (a switched
     conv's bias). ``old_params``: the named parameters before the conversion."""
-    for group, old_group in zip(new.param_groups, old.param_groups):
+    base_lr = new.param_groups[0]["lr"]
+    for i, group in enumerate(new.param_groups):
+        # a group the conversion added keeps its multiple of the base rate (initial_lr drives the schedule)
+        old_group = old.param_groups[i] if i < len(old.param_groups) else old.param_groups[0]
+        factor = group["lr"] / base_lr if i >= len(old.param_groups) and base_lr > 0 else 1.0
         for key in ("initial_lr", "lr"):
             if key in old_group:
-                group[key] = old_group[key]
+                group[key] = old_group[key] * factor
     for name, p in model.named_parameters():
         previous = old_params.get(name)
         if previous is None or previous not in old.state:

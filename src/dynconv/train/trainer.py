@@ -186,7 +186,7 @@ class Trainer:
         steps_per_epoch = max(self.batches_per_epoch // config.train.accumulate, 1)
         self.total_steps = config.train.steps if config.train.steps is not None else config.train.epochs * steps_per_epoch
         # -- optimizer, EMA
-        self.optimizer = build_optimizer(config, self.raw)
+        self.optimizer = build_optimizer(config, self.raw, self.conversions)
         self.ema = EMA(self.raw, config.train.ema) if config.train.ema is not None else None
         if resume_from is not None:
             self._load_resume_state(resume_from)
@@ -593,7 +593,7 @@ class Trainer:
         self.raw.to(self.device)
         if self.config.train.channels_last:
             to_channels_last(self.raw)
-        self.optimizer = build_optimizer(self.config, self.raw)
+        self.optimizer = build_optimizer(self.config, self.raw, self.conversions)
         carry_optimizer_state(old_opt, old_params, self.optimizer, self.raw)
         if self.ema is not None:
             self.ema = EMA(self.raw, self.config.train.ema)
