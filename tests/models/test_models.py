@@ -29,6 +29,8 @@ TINY = [
     ("resnet18_cifar", {"width": 4, "block_conv2": "switched", "layer": {"breadth": 2}}, (2, 3, 16, 16), (2, 10)),
     ("resnet18_cifar", {"width": 4, "block_conv2": "condconv", "layer": {"num_experts": 2}}, (2, 3, 16, 16), (2, 10)),
     ("resnet18_cifar", {"width": 16, "block_conv2": "involution"}, (2, 3, 16, 16), (2, 10)),
+    ("resnet18_cifar", {"width": 4, "block_conv2": "condconv", "block_conv2_stages": [1, 2],
+                        "layer": {"num_experts": 4, "routing": "softmax", "temperature": 30.0}}, (2, 3, 16, 16), (2, 10)),
     ("sr_plain", {"channels": 8}, (2, 3, 6, 5), (2, 3, 12, 10)),
     ("sr_plain", {"channels": 8, "scale": 3, "num_layers": 2}, (2, 3, 6, 5), (2, 3, 18, 15)),
     ("sr_switched", {"channels": 8, "layer": {"breadth": 3}}, (2, 3, 6, 5), (2, 3, 12, 10)),
@@ -118,6 +120,33 @@ def test_reference_model_sizes():
     assert size("resnet18_cifar") == 11_173_962
     assert size("edsr_baseline", scale=2) == 1_369_859
     assert size("rrdb") == 16_697_987  # ESRGAN's RRDB_ESRGAN_x4
+
+
+def test_resnet_block_conv2_stages_limit_the_swap():
+    """layer1-2 only (the switched-conv author's high-resolution setting): stages 3-4 keep convs."""
+    torch.manual_seed(0)
+    model = build_model("resnet18_cifar", width=4, block_conv2="switched", layer={"breadth": 2}, block_conv2_stages=[2, 1])
+    assert model.block_conv2_stages == (1, 2)
+    for stage, expected in ((model.layer1, SwitchedConv2d), (model.layer2, SwitchedConv2d), (model.layer3, nn.Conv2d),
+                            (model.layer4, nn.Conv2d)):
+        assert [type(block.conv2) for block in stage] == [expected, expected]
+    model(torch.rand(2, 3, 16, 16)).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    for bad in ([], [0], [1, 5], [1, 1], "12", [True], None):
+        with pytest.raises(ValueError, match=r"block_conv2_stages must be a non-empty list of stage numbers .* got"):
+            build_model("resnet18_cifar", width=4, block_conv2_stages=bad)
+
+
+def test_resnet_sizes_match_the_comparison_report():
+    """The report replaced the second conv of every block: conv 11.2M, involution (3x3) 5.1M,
+    CondConv (4 experts) 30.0M parameters; ours at width 64: 11.2M, 5.18M, 30.0M."""
+    size = lambda **o: sum(p.numel() for p in build_model("resnet18_cifar", **o).parameters())  # noqa: E731
+    with torch.device("meta"):
+        assert round(size() / 1e6, 1) == 11.2
+        assert round(size(block_conv2="involution", layer={"kernel_size": 3}) / 1e6, 1) == 5.2  # 5,181,122: report 5.1M
+        assert round(size(block_conv2="condconv", layer={"num_experts": 4}) / 1e6, 1) == 30.0
+        # switched b=8 stores 8 kernels per conv2; only in layer1-2 it adds 7 x (64^2 + 128^2) x 9 x 2 + selectors
+        assert size(block_conv2="switched", layer={"breadth": 8}, block_conv2_stages=[1, 2]) == 13_757_546
 
 
 def test_checkpoint_blocks_recompute_the_same():

@@ -2,12 +2,13 @@
 
 ``block_conv2`` swaps the second 3x3 conv of every basic block for a dynamic layer (the slot
 the comparison report uses): the block's input/output shapes and its BN stay, so only the
-operator differs between variants.
+operator differs between variants. ``block_conv2_stages`` limits the swap to some stages
+(``(1, 2)``: the high-resolution 32x32 and 16x16 stages only, the switched-conv author's setting).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,17 @@ from torch import nn
 
 from .._checks import positive_int
 from .registry import check_layer_options, conv3x3, register_model
+
+STAGES = (1, 2, 3, 4)
+
+
+def check_stages(stages: Sequence[int], name: str = "block_conv2_stages") -> tuple[int, ...]:
+    """``stages`` as a sorted tuple: a non-empty list of stage numbers among 1-4, none twice."""
+    if (isinstance(stages, (str, bytes)) or not isinstance(stages, Sequence) or not stages
+            or any(isinstance(s, bool) or s not in STAGES for s in stages) or len(set(stages)) != len(stages)):
+        raise ValueError(f"{name} must be a non-empty list of stage numbers among {list(STAGES)} without repeats, "
+                         f"got {stages!r}")
+    return tuple(sorted(stages))
 
 
 class BasicBlock(nn.Module):
@@ -50,12 +62,14 @@ class ResNetCIFAR(nn.Module):
         width: int = 64,
         num_blocks: tuple[int, ...] = (2, 2, 2, 2),
         in_channels: int = 3,
+        block_conv2_stages: Sequence[int] = STAGES,
     ) -> None:
         super().__init__()
         self.num_classes = positive_int(num_classes, "num_classes")
         width = positive_int(width, "width")
         options = check_layer_options(block_conv2, layer, "resnet18_cifar")
         self.block_conv2 = block_conv2
+        self.block_conv2_stages = check_stages(block_conv2_stages)
         if len(num_blocks) != 4:
             raise ValueError(f"num_blocks must list 4 stages, got {num_blocks!r}")
         self.conv1 = nn.Conv2d(positive_int(in_channels, "in_channels"), width, 3, padding=1, bias=False)
@@ -63,10 +77,11 @@ class ResNetCIFAR(nn.Module):
         stages, in_planes = [], width
         for i, count in enumerate(num_blocks):
             planes = width * 2**i
+            kind, kind_options = (block_conv2, options) if i + 1 in self.block_conv2_stages else ("conv", {})
             blocks = []
             for j in range(positive_int(count, f"num_blocks[{i}]")):
                 stride = 2 if i > 0 and j == 0 else 1
-                conv2 = conv3x3(block_conv2, planes, planes, options, bias=False)
+                conv2 = conv3x3(kind, planes, planes, kind_options, bias=False)
                 blocks.append(BasicBlock(in_planes, planes, stride, conv2))
                 in_planes = planes
             stages.append(nn.Sequential(*blocks))
@@ -91,10 +106,13 @@ def resnet18_cifar(
     layer: Mapping[str, Any] | None = None,
     width: int = 64,
     in_channels: int = 3,
+    block_conv2_stages: Sequence[int] = STAGES,
 ) -> ResNetCIFAR:
     """ResNet-18 (CIFAR variant). ``block_conv2``: ``conv | condconv | involution | switched``;
     ``layer``: that layer's options (e.g. ``breadth``/``selector``/``routing`` for switched,
     ``num_experts``/``routing``/``temperature`` for condconv, ``groups``/``reduction``/
     ``kernel_size`` (default 3, the conv's footprint) for involution). ``width`` scales all
-    stages (64 = the standard net; smaller for quick tests)."""
-    return ResNetCIFAR(num_classes, block_conv2=block_conv2, layer=layer, width=width, in_channels=in_channels)
+    stages (64 = the standard net; smaller for quick tests). ``block_conv2_stages``: the
+    stages (1-4; 1 is 32x32, 4 is 4x4) whose blocks get ``block_conv2``; the others keep a conv."""
+    return ResNetCIFAR(num_classes, block_conv2=block_conv2, layer=layer, width=width, in_channels=in_channels,
+                       block_conv2_stages=block_conv2_stages)
