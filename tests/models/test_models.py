@@ -43,6 +43,10 @@ TINY = [
     ("rrdb", {"channels": 8, "growth_channels": 4, "num_blocks": 1, "scale": 2}, (1, 3, 6, 4), (1, 3, 12, 8)),
     ("rrdb", {"channels": 8, "growth_channels": 4, "num_blocks": 1, "scale": 3}, (1, 3, 6, 5), (1, 3, 18, 15)),
     ("vqvae", {"hidden_channels": 8, "residual_channels": 4, "embedding_dim": 4, "num_embeddings": 16}, (2, 3, 8, 12), (2, 3, 8, 12)),
+    ("vqvae", {"hidden_channels": 8, "residual_channels": 4, "embedding_dim": 4, "num_embeddings": 16, "upsample": "nearest"},
+     (2, 3, 8, 12), (2, 3, 8, 12)),
+    ("vqvae", {"hidden_channels": 8, "residual_channels": 4, "embedding_dim": 4, "num_embeddings": 16,
+               "upsample": "pixel_shuffle"}, (2, 3, 8, 12), (2, 3, 8, 12)),
 ]
 
 
@@ -206,6 +210,53 @@ def test_vqvae_convert_to_switched_keeps_outputs():
         after = model(x)
     assert torch.equal(after["codes"], before["codes"])
     torch.testing.assert_close(after["reconstruction"], before["reconstruction"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("upsample", ["nearest", "pixel_shuffle"])
+@pytest.mark.parametrize("to,options", [("switched", {"breadth": 8, "selector": "lambda_then_conv1x1"}),
+                                        ("switched", {"breadth": 16, "selector": "conv1x1", "selector_dropout": 0.25}),
+                                        ("condconv", {"num_experts": 4})])
+def test_vqvae_4_plus_4_convs_convert_and_keep_outputs(upsample, to, options):
+    """INCLUDE_4_PLUS_4 picks exactly 4 encoder and 4 decoder convs, the decoder's output conv
+    at full resolution among them; converting them keeps codes and reconstruction."""
+    from dynconv.models.vqvae import INCLUDE_4_PLUS_4
+
+    torch.manual_seed(0)
+    hidden = 32 if upsample == "pixel_shuffle" else 16  # the lambda's 4 heads divide hidden / 8 channels
+    model = build_model("vqvae", hidden_channels=hidden, residual_channels=8, embedding_dim=8, num_embeddings=32,
+                        upsample=upsample).eval()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        before = model(x)
+    top = model.decoder.upsample2.conv
+    assert top.out_channels == 3  # the conv that writes the image, at the output resolution
+    names = dynconv.convert(model, to=to, include=list(INCLUDE_4_PLUS_4), **options)
+    assert not names.skipped and len(names) == 8
+    assert sum(n.startswith("encoder.") for n in names) == 4 and sum(n.startswith("decoder.") for n in names) == 4
+    assert "decoder.upsample2.conv" in names and "encoder.conv1" not in names and "decoder.conv1" not in names
+    model.eval()
+    with torch.no_grad():
+        after = model(x)
+    assert torch.equal(after["codes"], before["codes"])
+    torch.testing.assert_close(after["reconstruction"], before["reconstruction"], rtol=1e-5, atol=1e-5)
+
+
+def test_vqvae_upsample_default_keeps_the_transposed_layout():
+    """Configs and checkpoints from before the option: the default is Sonnet's transposed convs
+    (same state-dict keys and shapes, so old weights load); bad values are named."""
+    options = dict(hidden_channels=8, residual_channels=4, embedding_dim=4, num_embeddings=16)
+    default = build_model("vqvae", **options)
+    keys = set(default.state_dict())
+    assert {"decoder.deconv1.weight", "decoder.deconv2.weight"} <= keys
+    assert not any("upsample" in k for k in keys)
+    build_model("vqvae", upsample="transposed", **options).load_state_dict(default.state_dict())
+    nearest = build_model("vqvae", upsample="nearest", **options)
+    assert {"decoder.upsample1.conv.weight", "decoder.upsample2.conv.weight"} <= set(nearest.state_dict())
+    assert not any("deconv" in k for k in nearest.state_dict())
+    with pytest.raises(ValueError, match=r"upsample must be one of \('transposed', 'nearest', 'pixel_shuffle'\), got 'bilinear'"):
+        build_model("vqvae", upsample="bilinear", **options)
+    with pytest.raises(ValueError, match="hidden_channels divisible by 8.*got 12"):
+        build_model("vqvae", upsample="pixel_shuffle", **{**options, "hidden_channels": 12})
 
 
 def test_sr_plain_convert_to_condconv_keeps_outputs():

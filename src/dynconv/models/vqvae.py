@@ -2,8 +2,26 @@
 
 Encoder: two 4x4 stride-2 convs -> 3x3 conv -> residual stack -> 1x1 conv to the embedding
 dim; an EMA codebook quantises each latent vector; decoder: 3x3 conv -> residual stack ->
-two 4x4 stride-2 transposed convs. Its ``nn.Conv2d`` layers can be turned into dynamic ones
-with :func:`dynconv.convert` (transposed convs are not converted).
+two x2 upsamplings. Its ``nn.Conv2d`` layers can be turned into dynamic ones with
+:func:`dynconv.convert`; transposed convs are not converted, so ``upsample='nearest'`` or
+``'pixel_shuffle'`` (a x2 upsampling followed by a 3x3 ``nn.Conv2d``) gives the decoder
+convertible convs up to the output resolution.
+
+Module names (with ``residual_layers=2``; ``up`` = ``'nearest'`` / ``'pixel_shuffle'``)::
+
+    encoder.conv1                    4x4 stride 2, image -> hidden/2       H/2
+    encoder.conv2                    4x4 stride 2, hidden/2 -> hidden      H/4
+    encoder.conv3                    3x3, hidden -> hidden                 H/4
+    encoder.residual.layers.{0,1}    .conv1 3x3 hidden -> residual, .conv2 1x1 back   H/4
+    pre_quantization                 1x1, hidden -> embedding_dim          H/4
+    decoder.conv1                    3x3, embedding_dim -> hidden          H/4
+    decoder.residual.layers.{0,1}    as the encoder's                      H/4
+    decoder.deconv1, decoder.deconv2 (transposed) 4x4 stride-2 transposed convs to H/2 and H
+    decoder.upsample1.conv           (up) x2, then 3x3 hidden -> hidden/2  H/2
+    decoder.upsample2.conv           (up) x2, then 3x3 hidden/2 -> image   H (the highest resolution)
+
+:data:`INCLUDE_4_PLUS_4` selects 4 convs of the encoder and 4 of the decoder (the switched-conv
+VQ-VAE study, ``configs/studies/vqvae.yaml``).
 """
 
 from __future__ import annotations
@@ -13,8 +31,29 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import float_input, positive_int
+from .._checks import choice, float_input, positive_int
 from .registry import register_model
+
+#: how the decoder doubles the resolution twice: ``'transposed'`` (4x4 stride-2 transposed
+#: convs, Sonnet's layout), ``'nearest'`` (nearest-neighbour x2, then a 3x3 conv) or
+#: ``'pixel_shuffle'`` (pixel shuffle x2, a quarter of the channels, then a 3x3 conv)
+UPSAMPLING = ("transposed", "nearest", "pixel_shuffle")
+
+#: ``convert.include`` globs for "4 convs in the encoder, 4 in the decoder" of a VQ-VAE with
+#: ``residual_layers=2`` and ``upsample`` other than ``'transposed'``: every 3x3/4x4 conv of
+#: the encoder after the one reading the image (``conv2`` at H/4 from H/2, ``conv3``, the two
+#: residual 3x3s) and of the decoder after the one reading the codes (the two residual 3x3s
+#: at H/4, ``upsample1.conv`` at H/2, ``upsample2.conv`` at H: its highest-resolution conv,
+#: which writes the image). The 1x1 convs, ``encoder.conv1`` (3 input channels) and
+#: ``decoder.conv1`` stay plain.
+INCLUDE_4_PLUS_4 = (
+    "encoder.conv2",
+    "encoder.conv3",
+    "encoder.residual.layers.*.conv1",
+    "decoder.residual.layers.*.conv1",
+    "decoder.upsample1.conv",
+    "decoder.upsample2.conv",
+)
 
 
 class VectorQuantizerEMA(nn.Module):
@@ -147,17 +186,48 @@ class Encoder(nn.Module):
         return self.residual(self.conv3(x))
 
 
+class Upsample2x(nn.Module):
+    """x2 upsampling (``'nearest'`` or ``'pixel_shuffle'``), then a 3x3 ``nn.Conv2d`` at the new
+    resolution: unlike a transposed conv, a conv that :func:`dynconv.convert` can convert."""
+
+    def __init__(self, mode: str, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.mode = choice(mode, "upsample", UPSAMPLING[1:])
+        if mode == "pixel_shuffle" and in_channels % 4:
+            raise ValueError(f"upsample='pixel_shuffle' needs a channel count divisible by 4, got {in_channels}")
+        conv_in = in_channels // 4 if mode == "pixel_shuffle" else in_channels
+        self.conv = nn.Conv2d(conv_in, out_channels, 3, padding=1)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "pixel_shuffle":
+            x = F.pixel_shuffle(x, 2)
+        else:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x)
+
+
 class Decoder(nn.Module):
-    def __init__(self, embedding_dim: int, hidden: int, res_layers: int, res_hidden: int, out_channels: int) -> None:
+    def __init__(self, embedding_dim: int, hidden: int, res_layers: int, res_hidden: int, out_channels: int,
+                 upsample: str = "transposed") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(embedding_dim, hidden, 3, padding=1)
         self.residual = ResidualStack(hidden, res_hidden, res_layers)
-        self.deconv1 = nn.ConvTranspose2d(hidden, hidden // 2, 4, stride=2, padding=1)
-        self.deconv2 = nn.ConvTranspose2d(hidden // 2, out_channels, 4, stride=2, padding=1)
+        self.upsample_mode = choice(upsample, "upsample", UPSAMPLING)
+        if upsample == "transposed":  # the original layout (and state-dict keys)
+            self.deconv1 = nn.ConvTranspose2d(hidden, hidden // 2, 4, stride=2, padding=1)
+            self.deconv2 = nn.ConvTranspose2d(hidden // 2, out_channels, 4, stride=2, padding=1)
+        else:
+            self.upsample1 = Upsample2x(upsample, hidden, hidden // 2)
+            self.upsample2 = Upsample2x(upsample, hidden // 2, out_channels)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.residual(self.conv1(z))
-        return self.deconv2(F.relu(self.deconv1(x)))
+        if self.upsample_mode == "transposed":
+            return self.deconv2(F.relu(self.deconv1(x)))
+        return self.upsample2(F.relu(self.upsample1(x)))
 
 
 class VQVAE(nn.Module):
@@ -177,10 +247,15 @@ class VQVAE(nn.Module):
         commitment_cost: float,
         decay: float,
         epsilon: float,
+        upsample: str = "transposed",
     ) -> None:
         super().__init__()
         self.in_channels = positive_int(in_channels, "in_channels")
         hidden = positive_int(hidden_channels, "hidden_channels", minimum=2)
+        choice(upsample, "upsample", UPSAMPLING)
+        if upsample == "pixel_shuffle" and hidden % 8:
+            raise ValueError(f"upsample='pixel_shuffle' needs hidden_channels divisible by 8 (two x2 shuffles of "
+                             f"hidden and hidden/2 channels), got {hidden}")
         res_layers = positive_int(residual_layers, "residual_layers", minimum=0)
         res_hidden = positive_int(residual_channels, "residual_channels")
         self.encoder = Encoder(in_channels, hidden, res_layers, res_hidden)
@@ -188,7 +263,7 @@ class VQVAE(nn.Module):
         self.quantizer = VectorQuantizerEMA(
             num_embeddings, embedding_dim, commitment_cost=commitment_cost, decay=decay, epsilon=epsilon
         )
-        self.decoder = Decoder(embedding_dim, hidden, res_layers, res_hidden, in_channels)
+        self.decoder = Decoder(embedding_dim, hidden, res_layers, res_hidden, in_channels, upsample)
 
     def checkpoint_blocks(self) -> list[nn.Module]:
         """The residual layers of encoder and decoder."""
@@ -226,9 +301,12 @@ def vqvae(
     commitment_cost: float = 0.25,
     decay: float = 0.99,
     epsilon: float = 1e-5,
+    upsample: str = "transposed",
 ) -> VQVAE:
     """VQ-VAE stage 1 with Sonnet's defaults (128 hidden, 2 residual layers of 32, 512 codes of dim 64,
-    commitment 0.25, EMA decay 0.99, eps 1e-5); latents are H/4 x W/4."""
+    commitment 0.25, EMA decay 0.99, eps 1e-5); latents are H/4 x W/4. ``upsample``: the
+    decoder's x2 upsamplings, one of :data:`UPSAMPLING` (``'transposed'``, the default, is
+    Sonnet's and what earlier checkpoints hold; the others end in convertible 3x3 convs)."""
     return VQVAE(
         in_channels=in_channels,
         hidden_channels=hidden_channels,
@@ -239,4 +317,5 @@ def vqvae(
         commitment_cost=commitment_cost,
         decay=decay,
         epsilon=epsilon,
+        upsample=upsample,
     )
