@@ -113,7 +113,7 @@ def test_breadth_one_is_exactly_conv2d():
 
 
 @pytest.mark.parametrize("routing", ["hard", "soft"])
-@pytest.mark.parametrize("selector", ["conv1x1", "lambda"])
+@pytest.mark.parametrize("selector", ["conv1x1", "lambda", "lambda_then_conv1x1"])
 def test_from_conv_preserves_output(routing, selector):
     conv = nn.Conv2d(4, 6, 3, stride=2, padding=0, dilation=1)
     x = torch.randn(2, 4, 11, 10)
@@ -161,8 +161,69 @@ def test_selector_dropout_keeps_one_expert():
     torch.manual_seed(0)
     out = layer(x)
     assert torch.isfinite(out).all()
+    probs = layer.routing_probabilities(x)
+    assert torch.isfinite(probs).all() and ((probs > 0).flatten(2).any(2).sum(1) >= 1).all()
     layer.eval()  # no dropout in eval
     torch.testing.assert_close(layer.routing_probabilities(x), layer.routing_probabilities(x))
+
+
+def test_selector_dropout_masks_dropped_experts_in_training_only():
+    """A dropped expert gets probability 0 for every pixel of that example (it leaves the
+    softmax; a zeroed logit would still win where the others are negative), the kept ones
+    share the mass as the softmax over them, gradients stay finite, and eval drops nothing."""
+    torch.manual_seed(0)
+    layer = SwitchedConv2d(4, 4, 3, padding=1, breadth=6, selector_dropout=0.5, switch_norm=False, routing="soft")
+    with torch.no_grad():
+        layer.selector.bias.fill_(-5.0)  # all logits negative: a zeroed logit would dominate
+    x = torch.randn(16, 4, 5, 5)
+    layer.train()
+    probs = layer.routing_probabilities(x)
+    dropped = (probs == 0).flatten(2).all(2)  # (N, breadth): that expert has 0 on every pixel
+    assert dropped.any() and not dropped.all(1).any()
+    assert ((probs == 0).flatten(2).any(2) == dropped).all()  # whole experts per example, not pixels
+    logits = layer.selector(x)
+    expected = logits.masked_fill(dropped[:, :, None, None], float("-inf")).softmax(1)
+    torch.testing.assert_close(probs, expected)
+    out = layer(x)
+    out.square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+    layer.eval()
+    assert (layer.routing_probabilities(x) > 0).all()
+    torch.testing.assert_close(layer.routing_probabilities(x), layer.selector(x).softmax(1))
+    with pytest.raises(ValueError, match=r"selector_dropout must be in \[0, 1\), got 1.0"):
+        SwitchedConv2d(4, 4, 3, selector_dropout=1.0)
+
+
+def test_lambda_then_conv1x1_selector():
+    """Exactly a lambda layer then a 1x1 conv (stride on the conv): logits of the output grid,
+    gradients reach both parts, and the name works from a layer, convert and a config."""
+    from dynconv.config import config_from_dict
+    from dynconv.nn.selectors import SELECTORS, LambdaLayer, LambdaThenConv1x1Selector
+
+    assert {"conv1x1", "lambda", "lambda_then_conv1x1"} <= set(SELECTORS.names())
+    selector = SELECTORS.build("lambda_then_conv1x1", 8, 5, (2, 2))
+    assert isinstance(selector, LambdaThenConv1x1Selector)
+    assert [type(m) for m in selector] == [LambdaLayer, nn.Conv2d]
+    assert selector[1].kernel_size == (1, 1) and selector[1].stride == (2, 2) and selector[1].out_channels == 5
+    layer = SwitchedConv2d(8, 6, 4, stride=2, padding=1, breadth=5, selector="lambda_then_conv1x1")
+    x = torch.randn(2, 8, 10, 12, requires_grad=True)
+    assert layer.routing_probabilities(x).shape == (2, 5, 5, 6)
+    layer(x).square().mean().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    for part in (layer.selector[0].to_q, layer.selector[0].position, layer.selector[1]):
+        assert part.weight.grad is not None and part.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"channels \(6\) must be divisible by heads \(4\)"):
+        SwitchedConv2d(6, 6, 3, breadth=2, selector="lambda_then_conv1x1")
+    # convert and a config's convert section name it; the config survives a round trip
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    assert dynconv.convert(model, include="2", breadth=3, selector="lambda_then_conv1x1") == ["2"]
+    assert isinstance(model[2].selector, LambdaThenConv1x1Selector)
+    raw = {"model": {"name": "sr_plain"}, "data": {"name": "skimage_sr"}, "train": {"steps": 2},
+           "losses": [{"name": "l1"}], "convert": {"step": 1, "selector": "lambda_then_conv1x1"}}
+    config = config_from_dict(raw)
+    again = config_from_dict(config.to_dict())
+    assert again.convert.selector == "lambda_then_conv1x1" and again.to_dict() == config.to_dict()
+    assert again.convert.layer_kwargs()["selector"] == "lambda_then_conv1x1"
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,16 @@
-"""Selector networks: map a feature map to per-pixel expert logits for a switched conv."""
+"""Selector networks: map a feature map to per-pixel expert logits for a switched conv.
+
+Built-in selectors are registered by name in :data:`SELECTORS` (what ``SwitchedConv2d(selector=
+'...')``, ``convert(..., selector='...')`` and a config's ``convert.selector`` accept):
+
+- ``'conv1x1'``: one 1x1 conv to ``breadth`` logits (routing by the pixel's own features);
+- ``'lambda'``: 1x1 conv -> BN -> ReLU -> lambda layer -> BN -> ReLU -> 1x1 conv (:class:`LambdaSelector`);
+- ``'lambda_then_conv1x1'``: a lambda layer on the input, then a 1x1 conv to the logits, nothing
+  else (:class:`LambdaThenConv1x1Selector`).
+
+Each builder is ``(in_channels, breadth, stride, **options) -> nn.Module`` returning
+``(N, breadth, H_out, W_out)`` logits for an input already aligned to the output grid.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import positive_int
+from ..registry import Registry
 
-SELECTORS = ("conv1x1", "lambda")
+#: selector name -> builder ``(in_channels, breadth, stride, **options) -> nn.Module``
+SELECTORS = Registry("selector", positional=("in_channels", "breadth", "stride"))
 
 
 class LambdaLayer(nn.Module):
@@ -71,12 +85,38 @@ class LambdaSelector(nn.Sequential):
         )
 
 
+class LambdaThenConv1x1Selector(nn.Sequential):
+    """A lambda layer on the selector input, then a 1x1 conv to ``breadth`` logits.
+
+    Exactly "a lambda layer followed by a 1x1 conv", the selector the switched-conv VQ-VAE claim
+    names, with no projection, normalisation or activation around the lambda layer (unlike
+    :class:`LambdaSelector`). The lambda layer runs at the input's resolution and keeps its
+    ``in_channels`` (which ``heads`` must divide); the 1x1 conv carries the stride.
+    """
+
+    def __init__(self, in_channels: int, breadth: int, stride: tuple[int, int] = (1, 1), *, heads: int = 4,
+                 key_dim: int = 16, context: int = 7) -> None:
+        super().__init__(
+            LambdaLayer(in_channels, heads=heads, key_dim=key_dim, context=context),
+            nn.Conv2d(in_channels, positive_int(breadth, "breadth"), 1, stride=stride),
+        )
+
+
+@SELECTORS.register("conv1x1")
+def conv1x1_selector(in_channels: int, breadth: int, stride: tuple[int, int] = (1, 1)) -> nn.Conv2d:
+    """One 1x1 conv to ``breadth`` logits."""
+    return nn.Conv2d(in_channels, breadth, 1, stride=stride)
+
+
+SELECTORS.register("lambda", LambdaSelector)
+SELECTORS.register("lambda_then_conv1x1", LambdaThenConv1x1Selector)
+
+
 def build_selector(name: str, in_channels: int, breadth: int, stride: tuple[int, int]) -> nn.Module:
-    if name == "conv1x1":
-        return nn.Conv2d(in_channels, breadth, 1, stride=stride)
-    if name == "lambda":
-        return LambdaSelector(in_channels, breadth, stride)
-    raise ValueError(f"selector must be one of {SELECTORS} or an nn.Module, got {name!r}")
+    """The registered selector ``name`` (:data:`SELECTORS`) with its default options."""
+    if name not in SELECTORS:
+        raise ValueError(f"selector must be one of {SELECTORS.names()} or an nn.Module, got {name!r}")
+    return SELECTORS.build(name, in_channels, breadth, stride)
 
 
 def align_to_output_grid(

@@ -37,15 +37,18 @@ class SwitchedConv2d(DynamicConv2d):
         in_channels, out_channels, kernel_size, stride, padding, dilation, bias: as ``nn.Conv2d``.
         groups: must be 1 (there is no grouped switched conv); kept so the positions match.
         breadth: number of expert kernels.
-        selector: ``'conv1x1'``, ``'lambda'`` (a lambda-layer network) or any module mapping
-            the selector input to ``(N, breadth, H_out, W_out)`` logits.
+        selector: a registered selector name (:data:`dynconv.nn.selectors.SELECTORS`:
+            ``'conv1x1'``, ``'lambda'`` (a lambda-layer network), ``'lambda_then_conv1x1'``
+            (a lambda layer, then a 1x1 conv)) or any module mapping the selector input to
+            ``(N, breadth, H_out, W_out)`` logits.
         selector_channels: channels of ``selector_input`` for a built-in selector (default
             ``in_channels``).
         routing: ``'hard'`` (argmax expert) or ``'soft'`` (probability-weighted mix).
         switch_norm: normalise the routing by recent expert usage (:class:`SwitchNorm`).
         norm_buffer: steps of usage history the SwitchNorm keeps.
-        selector_dropout: per example, drop each expert's logit with this probability in
-            training (at least one kept).
+        selector_dropout: in training only, per example, drop each expert with this
+            probability: its logit is masked out of the softmax, so that example's pixels
+            cannot pick it (at least one expert is kept per example). Off in eval.
         backend: the :func:`dynconv.ops.switched_conv2d` backend (``'auto'``, ``'reference'``,
             ``'gather'``, ``'triton'``).
 
@@ -108,10 +111,10 @@ class SwitchedConv2d(DynamicConv2d):
             if isinstance(selector, nn.Module):
                 self.selector = selector
             elif isinstance(selector, str):
-                choice(selector, "selector", SELECTORS)
+                choice(selector, "selector", SELECTORS.names())
                 self.selector = build_selector(selector, self.selector_channels, self.breadth, self.stride)
             else:
-                raise TypeError(f"selector must be one of {SELECTORS} or an nn.Module, got {type(selector).__name__}")
+                raise TypeError(f"selector must be one of {SELECTORS.names()} or an nn.Module, got {type(selector).__name__}")
             if switch_norm:
                 self.norm = SwitchNorm(self.breadth, norm_buffer)
             if device is not None or dtype is not None:
@@ -167,12 +170,14 @@ class SwitchedConv2d(DynamicConv2d):
         if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected:
             got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise ValueError(f"selector output must have shape (N, breadth, H_out, W_out) = {expected}, got {got}")
-        if self.training and self.selector_dropout > 0:
-            keep = torch.rand(logits.shape[0], self.breadth, 1, 1, device=logits.device) >= self.selector_dropout
-            keep |= ~keep.any(dim=1, keepdim=True)  # at least one expert kept per example
-            logits = logits * keep
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()  # routing decisions in at least fp32
+        if self.training and self.selector_dropout > 0:
+            # a dropped expert leaves the softmax (probability 0), as in the original author's
+            # later DropoutNorm; zeroing its logit instead would leave it selectable
+            keep = torch.rand(logits.shape[0], self.breadth, 1, 1, device=logits.device) >= self.selector_dropout
+            keep |= ~keep.any(dim=1, keepdim=True)  # at least one expert kept per example
+            logits = logits.masked_fill(~keep, float("-inf"))
         probs = torch.softmax(logits, dim=1)
         if self.norm is not None:
             probs = self.norm(probs)
