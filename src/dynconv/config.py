@@ -120,6 +120,32 @@ class ScheduleConfig:
 
 
 @dataclass
+class AnnealConfig:
+    """A layer attribute moved linearly from ``start`` to ``end`` over the first ``steps`` (or
+    ``epochs``) optimizer steps, then held at ``end``: Dynamic Convolution's softmax
+    ``temperature`` (30 -> 1 over the first 10 of 100 epochs in its paper). Like the learning
+    rate it is a function of the step alone, so a resumed run continues it exactly. ``include``:
+    module-name globs of the layers it sets (default: every layer with the attribute)."""
+
+    start: float
+    end: float
+    attribute: Literal["temperature"] = "temperature"
+    steps: Optional[int] = None
+    epochs: Optional[int] = None
+    include: list[str] = field(default_factory=lambda: ["*"])
+
+    def validate(self, path: str) -> None:
+        if (self.steps is None) == (self.epochs is None):
+            raise ConfigError(f"{path}.steps", f"give exactly one of steps or epochs, got steps={self.steps}, epochs={self.epochs}")
+        length, key = (self.steps, "steps") if self.steps is not None else (self.epochs, "epochs")
+        _at_least(length, 1, f"{path}.{key}")
+        _positive(self.start, f"{path}.start")  # a temperature divides the logits
+        _positive(self.end, f"{path}.end")
+        if not self.include:
+            raise ConfigError(f"{path}.include", "expected at least one module-name pattern, e.g. ['*']")
+
+
+@dataclass
 class LossConfig:
     """One term of the weighted loss: ``name`` from :data:`dynconv.losses.LOSSES`."""
 
@@ -227,6 +253,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     convert: Optional[ConvertConfig] = None
+    anneal: list[AnnealConfig] = field(default_factory=list)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 

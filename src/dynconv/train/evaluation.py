@@ -13,6 +13,7 @@ from typing import Any
 from ..config import Config, load_config
 from . import checkpoint as ckpt
 from .experiment import load_model_weights, model_cost
+from .schedule import restore_annealed
 from .trainer import Trainer
 
 
@@ -42,6 +43,7 @@ def evaluate_run(config_or_run_dir: str | Path | Config, checkpoint: str | Path 
     use_ema = config.train.ema is not None and (path / ckpt.EMA_FILE).is_file()
     weights = path / (ckpt.EMA_FILE if use_ema else ckpt.MODEL_FILE)
     load_model_weights(trainer.raw, ckpt.load_weights(weights, trainer.device), str(weights))
+    restore_annealed(trainer.raw, meta.get("annealed"))  # e.g. the temperature of the last step, not the config's
     metrics = trainer.evaluate(max_batches=max_batches)
     result = {"metrics": metrics, "checkpoint": str(path), "step": meta.get("step"), "weights": weights.name,
               "model": config.model.name, "dataset": config.data.name, "split": config.data.eval_split,

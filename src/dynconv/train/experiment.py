@@ -193,6 +193,9 @@ def load_checkpoint_model(checkpoint: str | Path, config: Config | None = None, 
     model = build_experiment_model(config, meta.get("conversions", []))
     weights_file = path / (ckpt.EMA_FILE if ema and (path / ckpt.EMA_FILE).is_file() else ckpt.MODEL_FILE)
     load_model_weights(model, ckpt.load_weights(weights_file), str(weights_file))
+    from .schedule import restore_annealed
+
+    restore_annealed(model, meta.get("annealed"))  # annealed attributes are not weights
     return model, config, meta
 
 

@@ -45,7 +45,7 @@ from .grad_checkpoint import enable_block_checkpointing
 from .loaders import eval_loader, to_device, train_loader
 from .lock import RunDirLock
 from .logging import RunLogger, count_records_after, record_run_start
-from .schedule import set_lr
+from .schedule import annealed_state, check_anneal_targets, set_annealed, set_lr
 from .signals import StopSignals
 from .tasks import METRICS, TASKS, per_example_metric
 
@@ -159,6 +159,7 @@ class Trainer:
         self._last_saved_step: int | None = None
         self.logger = RunLogger(self.run_dir, enabled=False, tensorboard=False, progress=False, total_steps=0)
         self.conversion_checks: list[dict[str, float]] = []
+        self.annealed: dict[str, float] = {}  # the annealed attributes of the last step (config.anneal)
 
         from accelerate.utils import set_seed
 
@@ -183,8 +184,9 @@ class Trainer:
         if self.batches_per_epoch == 0:
             raise ConfigError("train.batch_size", f"the training set ({len(self.train_dataset)} items over {self.world} process(es)) "
                               f"holds no full batch of {config.train.batch_size}")
-        steps_per_epoch = max(self.batches_per_epoch // config.train.accumulate, 1)
+        self.steps_per_epoch = steps_per_epoch = max(self.batches_per_epoch // config.train.accumulate, 1)
         self.total_steps = config.train.steps if config.train.steps is not None else config.train.epochs * steps_per_epoch
+        check_anneal_targets(self.raw, config.anneal, conversion_pending=config.convert is not None)
         # -- optimizer, EMA
         self.optimizer = build_optimizer(config, self.raw, self.conversions)
         self.ema = EMA(self.raw, config.train.ema) if config.train.ema is not None else None
@@ -291,6 +293,10 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         self._snapshot_step_start()
         lr = set_lr(self._optimizer(), cfg.schedule, self.step, self.total_steps)
+        if cfg.anneal:
+            self.annealed = set_annealed(self.raw, cfg.anneal, self.step, self.steps_per_epoch)
+            if self.ema is not None:  # the EMA copy is the model evaluation runs
+                set_annealed(self.ema.module, cfg.anneal, self.step, self.steps_per_epoch)
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         term_sums: dict[str, torch.Tensor] = {}
@@ -537,7 +543,8 @@ class Trainer:
                     "model": self.config.model.name, "task": self.task, "epoch": position[0],
                     "total_steps": self.total_steps,
                     # what `dynconv viz` reports: the usage counters are not part of the weights
-                    "routing": {"step": self.step, "layers": self._routing_stats()}}
+                    "routing": {"step": self.step, "layers": self._routing_stats()},
+                    "annealed": annealed_state(self.raw, self.config.anneal)}
             import yaml
 
             path = ckpt.save_checkpoint(
@@ -676,11 +683,12 @@ class Trainer:
     def _log_train(self, lr: float) -> None:
         """The ``train`` record of the steps since the last one, and the routing statistics."""
         cfg, log = self.config, self.logger
-        record = self._window.record(lr, cfg.train.batch_size * cfg.train.accumulate * self.world, self.epoch)
+        record = {**self._window.record(lr, cfg.train.batch_size * cfg.train.accumulate * self.world, self.epoch),
+                  **self.annealed}
         log.event("train", self.step, **record)
         log.scalars(self.step, {"train/loss": record["loss"], "train/lr": lr,
                                 "train/samples_per_s": record["samples_per_s"],
-                                **{f"train/{k}": v for k, v in record.items() if k.startswith("loss/")}})
+                                **{f"train/{k}": v for k, v in record.items() if k.startswith(("loss/", "anneal/"))}})
         log.routing(self.step, self._routing_stats())
         self._window.reset()
 
