@@ -109,6 +109,41 @@ def test_vqvae_train_and_eval(tmp_path, class_root):
     assert evaluate(tmp_path / "run")["metrics"]["mse"] == pytest.approx(result.metrics["mse"])
 
 
+def test_vqvae_eval_metrics_commitment_and_codebook_usage(tmp_path, class_root):
+    """commitment, mse + commitment, and the codebook's perplexity and dead codes over the
+    whole eval set (not per batch): the same numbers computed by hand from the model."""
+    from dynconv.train.loaders import eval_loader
+
+    metrics = ["mse", "commitment", "mse_plus_commitment", "codebook_perplexity", "dead_codes", "perplexity"]
+    cfg = config_from_dict({
+        "model": {"name": "vqvae", "options": {"hidden_channels": 8, "residual_channels": 4, "residual_layers": 1,
+                                               "embedding_dim": 4, "num_embeddings": 8}},
+        "data": {"name": "image_folder", "root": str(class_root), "options": {"augment": False}},
+        "train": {"steps": 1, "batch_size": 4},
+        "losses": [{"name": "mse"}, {"name": "vq_commitment", "weight": 0.5}],
+        "eval": {"every": 1, "batch_size": 1, "metrics": metrics},
+        "log": {"progress": False, "tensorboard": False},
+    })
+    trainer = Trainer(cfg, tmp_path / "run")
+    got = trainer.fit().metrics
+    model = trainer.raw.eval()
+    counts, mse, commitment, n = torch.zeros(8, dtype=torch.float64), 0.0, 0.0, 0
+    with torch.no_grad():
+        for batch in eval_loader(cfg, trainer.eval_dataset, 0, 1):
+            out = model(batch["image"])
+            counts += torch.bincount(out["codes"].flatten(), minlength=8).double()
+            mse += float(((out["reconstruction"] - batch["image"]) ** 2).mean()) * len(batch["image"])
+            commitment += float(out["commitment_loss"]) * len(batch["image"])
+            n += len(batch["image"])
+    assert n == 2  # one image per class: two eval batches of one
+    probs = counts / counts.sum()
+    perplexity = float(torch.exp(-(probs[probs > 0] * probs[probs > 0].log()).sum()))
+    assert got["mse"] == pytest.approx(mse / n) and got["commitment"] == pytest.approx(commitment / n)
+    assert got["mse_plus_commitment"] == pytest.approx(got["mse"] + got["commitment"])  # unit weights, not the config's
+    assert got["codebook_perplexity"] == pytest.approx(perplexity)
+    assert got["dead_codes"] == float((counts == 0).sum()) and got["dead_codes"] >= 8 - 2 * 4  # 2 images x 2x2 latents
+
+
 @pytest.mark.parametrize("data, size", [
     ({"name": "sr_folder", "root": "x", "options": {"scale": 3}, "train_options": {"patch_size": 96}}, (32, 32)),
     ({"name": "sr_folder", "root": "x"}, (48, 48)),

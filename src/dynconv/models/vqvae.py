@@ -105,7 +105,8 @@ class VectorQuantizerEMA(nn.Module):
 
     def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         """``z`` ``(N, D, H, W)`` -> ``dict(quantized (N, D, H, W), codes (N, H, W) int64,
-        commitment_loss (), perplexity ())``."""
+        commitment_loss (), perplexity () of this batch's codes, code_counts (num_embeddings,)
+        how often each code was picked in this batch)``."""
         float_input(z, "z", channels=self.embedding_dim)
         with torch.autocast(z.device.type, enabled=False):  # code choice and EMA in >= fp32, also under AMP
             return self._quantize(z.to(torch.promote_types(z.dtype, torch.float32)))
@@ -130,6 +131,7 @@ class VectorQuantizerEMA(nn.Module):
             "codes": codes.view(n, h, w),
             "commitment_loss": commitment_loss,
             "perplexity": perplexity,
+            "code_counts": counts,
         }
 
     @torch.no_grad()
@@ -232,8 +234,10 @@ class Decoder(nn.Module):
 
 class VQVAE(nn.Module):
     """``forward(x)`` -> ``dict(reconstruction (N, C, H, W), commitment_loss (), codes (N, H/4, W/4),
-    perplexity ())``; H and W must be multiples of 4. The reconstruction loss is the trainer's
-    (e.g. MSE to the input); ``commitment_loss`` is already weighted by ``commitment_cost``."""
+    perplexity (), code_counts (num_embeddings,))``; H and W must be multiples of 4. The
+    reconstruction loss is the trainer's (e.g. MSE to the input); ``commitment_loss`` is already
+    weighted by ``commitment_cost``; ``perplexity`` and ``code_counts`` are of this batch's codes
+    (the eval metrics ``codebook_perplexity`` / ``dead_codes`` sum the counts over an eval set)."""
 
     def __init__(
         self,
@@ -287,6 +291,7 @@ class VQVAE(nn.Module):
             "commitment_loss": q["commitment_loss"],
             "codes": q["codes"],
             "perplexity": q["perplexity"],
+            "code_counts": q["code_counts"],
         }
 
 

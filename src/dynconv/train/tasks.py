@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -136,10 +136,62 @@ def _l1(task: Task, outputs: dict, batch: dict) -> torch.Tensor:
     return M.mean_absolute_error(*task.scored(outputs, batch)).double()
 
 
+def _per_batch(task: Task, outputs: dict, batch: dict, key: str) -> torch.Tensor:
+    """A model output that is one value per batch (a VQ-VAE's), repeated for each example."""
+    value = outputs.get(key)
+    return torch.full((batch[task.input].shape[0],), float("nan") if value is None else float(value), dtype=torch.float64)
+
+
 @EVAL_METRICS.register("perplexity", tasks=("reconstruction",), mode="max")
 def _perplexity(task: Task, outputs: dict, batch: dict) -> torch.Tensor:
-    value = outputs.get("perplexity")  # the VQ-VAE's codebook usage, one value per batch
-    return torch.full((batch[task.input].shape[0],), float("nan") if value is None else float(value), dtype=torch.float64)
+    """The VQ-VAE's codebook perplexity of each eval batch, averaged (depends on the eval batch
+    size; ``codebook_perplexity`` is that of the whole eval set)."""
+    return _per_batch(task, outputs, batch, "perplexity")
+
+
+@EVAL_METRICS.register("commitment", tasks=("reconstruction",), mode="min")
+def _commitment(task: Task, outputs: dict, batch: dict) -> torch.Tensor:
+    """The VQ-VAE's commitment loss (already weighted by its ``commitment_cost``, as in the
+    training loss), averaged over the eval batches."""
+    return _per_batch(task, outputs, batch, "commitment_loss")
+
+
+@EVAL_METRICS.register("mse_plus_commitment", tasks=("reconstruction",), mode="min")
+def _mse_plus_commitment(task: Task, outputs: dict, batch: dict) -> torch.Tensor:
+    """Reconstruction MSE plus commitment loss: a VQ-VAE's training objective with unit weights,
+    whatever the config's loss weights (the loss the switched-conv VQ-VAE claim is about)."""
+    return _mse(task, outputs, batch) + _commitment(task, outputs, batch)
+
+
+@dataclass(frozen=True)
+class EvalSetMetric:
+    """A metric of the whole eval set that is not a mean of per-example values (how many codes
+    the set never uses). ``statistic(task, outputs, batch) -> Tensor`` of a fixed shape is summed
+    over the batches and ranks; ``finish(total) -> float`` turns the sum into the value."""
+
+    statistic: Callable[[Task, dict, dict], torch.Tensor]
+    finish: Callable[[torch.Tensor], float]
+
+    def __call__(self, task: Task, outputs: dict, batch: dict) -> torch.Tensor:
+        raise NotImplementedError("an eval-set metric has no per-example value: Trainer.evaluate sums its statistic")
+
+
+def _code_counts(task: Task, outputs: dict, batch: dict) -> torch.Tensor:
+    counts = outputs.get("code_counts")
+    if counts is None:
+        raise KeyError("codebook_perplexity / dead_codes need a VQ-VAE's outputs['code_counts']")
+    return counts.detach().to(torch.float64).cpu()
+
+
+def _perplexity_of_counts(total: torch.Tensor) -> float:
+    probs = total / total.sum().clamp_min(1.0)
+    return float(torch.exp(-(probs * torch.log(probs.clamp_min(1e-300))).sum()))
+
+
+EVAL_METRICS.register("codebook_perplexity", EvalSetMetric(_code_counts, _perplexity_of_counts),
+                      tasks=("reconstruction",), mode="max")
+EVAL_METRICS.register("dead_codes", EvalSetMetric(_code_counts, lambda total: float((total == 0).sum())),
+                      tasks=("reconstruction",), mode="min")
 
 
 @EVAL_METRICS.register("loss", tasks=tuple(TASKS), mode="min")
@@ -153,5 +205,12 @@ def metrics_for(task: str) -> list[str]:
 
 
 def per_example_metric(name: str, task: Task, outputs: dict, batch: dict) -> torch.Tensor:
-    """Metric ``name`` per example ``(N,)`` (float64); ``loss`` is the trainer's."""
+    """Metric ``name`` per example ``(N,)`` (float64); ``loss`` is the trainer's, and an
+    :class:`EvalSetMetric` has none (see :func:`eval_set_metric`)."""
     return EVAL_METRICS.get(name)(task, outputs, batch)
+
+
+def eval_set_metric(name: str) -> EvalSetMetric | None:
+    """The :class:`EvalSetMetric` registered as ``name``, or None for a per-example metric."""
+    metric = EVAL_METRICS.get(name)
+    return metric if isinstance(metric, EvalSetMetric) else None

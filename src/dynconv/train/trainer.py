@@ -47,7 +47,7 @@ from .lock import RunDirLock
 from .logging import RunLogger, count_records_after, record_run_start
 from .schedule import annealed_state, check_anneal_targets, set_annealed, set_lr
 from .signals import StopSignals
-from .tasks import METRICS, TASKS, per_example_metric
+from .tasks import METRICS, TASKS, eval_set_metric, per_example_metric
 
 
 class TrainingError(RuntimeError):
@@ -635,7 +635,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, max_batches: int | None = None) -> dict[str, float]:
-        """Metrics over the eval split (sharded across ranks, reduced), means per example."""
+        """Metrics over the eval split (sharded across ranks, reduced): means per example, and
+        eval-set metrics (:class:`~dynconv.train.tasks.EvalSetMetric`) from their summed statistic."""
         cfg = self.config
         model = self.eval_model()
         was = model.training
@@ -643,6 +644,8 @@ class Trainer:
         max_batches = cfg.eval.max_batches if max_batches is None else max_batches
         names = self.metric_names
         sums = torch.zeros(len(names) + 1, dtype=torch.float64)
+        set_metrics = {name: m for name in names if (m := eval_set_metric(name)) is not None}
+        totals: dict[str, torch.Tensor] = {}
         try:
             for i, batch in enumerate(eval_loader(cfg, self.eval_dataset, self.rank, self.world)):
                 if max_batches is not None and i >= max_batches:
@@ -655,6 +658,9 @@ class Trainer:
                     if name == "loss":
                         loss, _ = self.loss(outputs, batch, model=model)
                         sums[j] += float(loss) * n
+                    elif name in set_metrics:
+                        statistic = set_metrics[name].statistic(self.task_spec, outputs, batch)
+                        totals[name] = totals[name] + statistic if name in totals else statistic
                     else:
                         sums[j] += per_example_metric(name, self.task_spec, outputs, batch).sum().cpu()
                 sums[-1] += n
@@ -662,8 +668,12 @@ class Trainer:
             model.train(was)
         if self.world > 1:
             sums = self.accelerator.reduce(sums.to(self.device), "sum").cpu()
+            totals = {k: self.accelerator.reduce(v.to(self.device), "sum").cpu() for k, v in totals.items()}
         count = max(float(sums[-1]), 1.0)
-        return {name: float(sums[j]) / count for j, name in enumerate(names)}
+        results = {name: float(sums[j]) / count for j, name in enumerate(names)}
+        for name, metric in set_metrics.items():
+            results[name] = metric.finish(totals[name]) if name in totals else float("nan")
+        return results
 
     def _evaluate_and_track(self) -> bool:
         metrics = self.evaluate()
