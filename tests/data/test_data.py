@@ -346,6 +346,36 @@ def test_skimage_sr_and_reconstruction_items() -> None:
         build_dataset("skimage_sr", "train", root="/tmp")
 
 
+def test_folder_crops_hold_out_whole_photos(tmp_path: Path) -> None:
+    """folder_crops: every holdout_every-th photo (by name) is the test split, whole photos
+    only; test items are the held-out photos' tiles in order, train items random crops that
+    depend on (seed, epoch, index) alone; mean/std set the pixel range; errors name the value."""
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        Image.fromarray(_random_image(rng, 20 + i, 24)).save(tmp_path / f"p{i}.png")
+    train = build_dataset("folder_crops", "train", root=tmp_path, size=8, holdout_every=3, mean=[0.5] * 3)
+    test = build_dataset("folder_crops", "test", root=tmp_path, size=8, holdout_every=3, mean=[0.5] * 3)
+    assert test.names == ["p2", "p5"] and train.names == ["p0", "p1", "p3", "p4", "p6"]
+    photo = torch.from_numpy(np.array(Image.open(tmp_path / "p2.png"))).permute(2, 0, 1).float() / 255.0
+    assert len(test) == 2 * 3 + 3 * 3  # 22x24 and 25x24 photos: 2x3 and 3x3 tiles of 8
+    torch.testing.assert_close(test[1]["image"], photo[:, 0:8, 8:16] - 0.5)
+    assert len(train) == sum((20 + i) // 8 * 3 for i in (0, 1, 3, 4, 6)) and train[0]["image"].shape == (3, 8, 8)
+    assert -0.5 <= float(train[3]["image"].min()) and float(train[3]["image"].max()) <= 0.5
+    again = build_dataset("folder_crops", "train", root=tmp_path, size=8, holdout_every=3, mean=[0.5] * 3)
+    assert torch.equal(again[4]["image"], train[4]["image"])
+    train.set_epoch(1)
+    assert not torch.equal(again[4]["image"], train[4]["image"])
+    with pytest.raises(ValueError, match="split must be 'train' or 'test'.*got 'eval'"):
+        build_dataset("folder_crops", "eval", root=tmp_path)
+    with pytest.raises(ValueError, match="holdout_every must be an int >= 2.*got 1"):
+        build_dataset("folder_crops", "test", root=tmp_path, holdout_every=1)
+    with pytest.raises(DatasetError, match=r"p0.png is 20x24, smaller than size=21"):
+        build_dataset("folder_crops", "train", root=tmp_path, size=21, holdout_every=3)
+    with pytest.warns(UserWarning, match="skipped"):
+        skipping = build_dataset("folder_crops", "train", root=tmp_path, size=21, holdout_every=3, on_bad_file="skip")
+    assert skipping.names == ["p1", "p3", "p4", "p6"] and skipping.skipped == 1
+
+
 # -- shared data (manual-check data; skipped where ../shared is absent) ------------------------
 @needs_shared
 def test_shared_set5_x2_bicubic_matches_published() -> None:

@@ -9,7 +9,7 @@ Build by name with :func:`build_dataset`; items are dicts of tensors (see
 from __future__ import annotations
 
 from . import classification as _classification  # noqa: F401  (registers cifar10, image_folder)
-from . import sr as _sr  # noqa: F401  (registers sr_folder, skimage_sr, skimage_photos)
+from . import sr as _sr  # noqa: F401  (registers sr_folder, skimage_sr, skimage_photos, folder_crops)
 from .bicubic import bicubic_resize
 from .classification import Cifar10, ClassificationDataset, ImageFolder
 from .device_loader import DeviceLoader

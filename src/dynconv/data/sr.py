@@ -10,6 +10,7 @@ and 90-degree rotations from the per-sample generator; evaluation items are whol
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -210,15 +211,23 @@ def build_skimage_sr(
 
 
 class PhotoCrops(EpochMixin, Dataset):
-    """Reconstruction items ``{"image": float32 (3, size, size)}`` in [0, 1] from photos.
+    """Reconstruction items ``{"image": float32 (3, size, size)}`` from photos: in [0, 1], or
+    ``(x - mean) / std`` when those are given.
 
     Train: random crops (with flips / rotations), as many per epoch as the photos hold
     non-overlapping tiles, times ``repeat``. Test: every non-overlapping tile, raster order.
     """
 
-    def __init__(self, photos: list[torch.Tensor], *, size: int, train: bool, augment: bool, repeat: int = 1, seed: int = 0) -> None:
+    def __init__(self, photos: list[torch.Tensor], *, size: int, train: bool, augment: bool, repeat: int = 1, seed: int = 0,
+                 mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0)) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be an int >= 1, got {size!r}")
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean and std must be 3 values (R, G, B), std > 0, got mean={mean}, std={std}")
+        self._mean = torch.tensor(mean).view(3, 1, 1)
+        self._std = torch.tensor(std).view(3, 1, 1)
+        self._normalise = mean != (0.0, 0.0, 0.0) or std != (1.0, 1.0, 1.0)
         small = [tuple(p.shape[-2:]) for p in photos if min(p.shape[-2:]) < size]
         if small:
             raise ValueError(f"size={size} is larger than photos of shape {small}")
@@ -250,7 +259,7 @@ class PhotoCrops(EpochMixin, Dataset):
         if not self.train:
             i, y, x = self.tiles[index]
             crop = self.photos[i][:, y : y + self.size, x : x + self.size]
-            return {"image": crop.float() / 255.0}
+            return {"image": self._scaled(crop.float() / 255.0)}
         gen = self.generator(index)
         photo = self.photos[self._photo_of_item[index % len(self.tiles)]]
         y = randint(photo.shape[-2] - self.size + 1, gen)
@@ -258,7 +267,10 @@ class PhotoCrops(EpochMixin, Dataset):
         crop = photo[:, y : y + self.size, x : x + self.size].float() / 255.0
         if self.augment:
             (crop,) = dihedral([crop], gen)
-        return {"image": crop}
+        return {"image": self._scaled(crop)}
+
+    def _scaled(self, image: torch.Tensor) -> torch.Tensor:
+        return (image - self._mean) / self._std if self._normalise else image
 
 
 @register_dataset("skimage_photos")
@@ -274,3 +286,68 @@ def build_skimage_photos(
         photos.append(image_to_tensor(ImageRef(source=str(path), path=path).decode()))
     train = split == "train"
     return PhotoCrops(photos, size=size, train=train, augment=train if augment is None else bool(augment), repeat=repeat, seed=seed)
+
+
+@register_dataset("folder_crops")
+def build_folder_crops(
+    split: str,
+    *,
+    root: str | Path,
+    size: int = 64,
+    holdout_every: int = 10,
+    augment: bool | None = None,
+    repeat: int = 1,
+    mean: Sequence[float] = (0.0, 0.0, 0.0),
+    std: Sequence[float] = (1.0, 1.0, 1.0),
+    seed: int = 0,
+    on_bad_file: str = "error",
+) -> PhotoCrops:
+    """Reconstruction (VQ-VAE) crops of the photos directly in ``root`` (e.g. ``sr/train/T91``),
+    split by photo so no eval crop comes from a training photo: sorted by file name, every
+    ``holdout_every``-th photo (the 10th, 20th, ... by default) is the ``'test'`` split, the
+    others ``'train'``. Train: random ``size`` x ``size`` crops with flips and rotations
+    (``augment``, default on), ``repeat`` x the photos' tile count per epoch; test: every
+    non-overlapping tile of the held-out photos, in order. Pixels in [0, 1], or
+    ``(x - mean) / std``. Photos smaller than ``size`` are an error (``on_bad_file='skip'``
+    leaves unreadable or too small ones out, with a warning)."""
+    check_on_bad_file(on_bad_file)
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test' (the held-out photos) for folder_crops, got {split!r}")
+    if isinstance(holdout_every, bool) or not isinstance(holdout_every, int) or holdout_every < 2:
+        raise ValueError(f"holdout_every must be an int >= 2 (every n-th photo is held out), got {holdout_every!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be an int >= 1, got {size!r}")
+    folder = Path(root).expanduser()
+    if not folder.is_dir():
+        raise DatasetError(f"folder_crops root {folder} is not a directory; expected a folder of photos "
+                           f"({', '.join(IMAGE_EXTENSIONS)})")
+    files = list_image_files(folder)
+    held_out = [i % holdout_every == holdout_every - 1 for i in range(len(files))]
+    chosen = [f for f, out in zip(files, held_out) if out == (split == "test")]
+    if not chosen:
+        raise DatasetError(f"folder_crops: no {split} photos in {folder} ({len(files)} photo(s), every "
+                           f"{holdout_every}th held out)")
+    photos, kept, skipped = [], [], 0
+    for path in chosen:
+        ref = ImageRef(source=str(path), path=path)
+        try:
+            photo = image_to_tensor(ref.decode())
+            if min(photo.shape[-2:]) < size:
+                raise DatasetError(f"image {path} is {photo.shape[-2]}x{photo.shape[-1]}, smaller than size={size}")
+        except DatasetError as error:
+            if on_bad_file == "error":
+                raise
+            skipped += 1
+            warn_skipped(ref.source, error)
+            continue
+        photos.append(photo)
+        kept.append(path.stem)
+    warn_skip_count(skipped, len(chosen), str(folder))
+    if not photos:
+        raise DatasetError(f"folder_crops: every {split} photo in {folder} is unreadable or smaller than size={size}")
+    train = split == "train"
+    dataset = PhotoCrops(photos, size=size, train=train, augment=train if augment is None else bool(augment),
+                         repeat=repeat, seed=seed, mean=mean, std=std)
+    dataset.skipped = skipped
+    dataset.names = kept  # the photos' file stems, in order
+    return dataset
