@@ -28,20 +28,22 @@ def _cond_args(dtype, channels_last: bool, depthwise_k5: bool, bias: bool, impl:
     return (x, weight, b, routing, [1, 1], [k // 2, k // 2], [1, 1], groups, impl)
 
 
+@pytest.mark.parametrize("impl", ["cpu", "experts"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("depthwise_k5", [False, True], ids=["grouped-k3", "depthwise-k5"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_cond_conv2d_cpu_forward(channels_last, depthwise_k5, bias):
-    args = _cond_args(torch.float64, channels_last, depthwise_k5, bias, "cpu")
+def test_cond_conv2d_pytorch_paths_forward(channels_last, depthwise_k5, bias, impl):
+    args = _cond_args(torch.float64, channels_last, depthwise_k5, bias, impl)
     torch.library.opcheck(torch.ops.dynconv.cond_conv2d_fused.default, args)
 
 
+@pytest.mark.parametrize("impl", ["cpu", "experts"])
 @pytest.mark.parametrize(
     "needs", [(True, True), (True, False), (False, True), (False, False)], ids=["all", "input-only", "params-only", "none"]
 )
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_cond_conv2d_cpu_backward(channels_last, needs):
-    x, weight, b, routing, *geometry = _cond_args(torch.float64, channels_last, False, False, "cpu")
+def test_cond_conv2d_pytorch_paths_backward(channels_last, needs, impl):
+    x, weight, b, routing, *geometry = _cond_args(torch.float64, channels_last, False, False, impl)
     grad = _layout(torch.randn(3, 4, 7, 6, dtype=torch.float64), channels_last)
     args = (grad, x.detach(), weight.detach(), b, routing.detach(), *geometry, *needs)
     torch.library.opcheck(torch.ops.dynconv.cond_conv2d_fused_backward.default, args)

@@ -73,7 +73,7 @@ def _random_inputs(seed: int, **shapes) -> dict:
     return {name: make(name, shape) for name, shape in shapes.items()}
 
 
-COND_FAST = [b for b in ("cpu", "triton") if b in COND_BACKENDS and not (b == "cpu" and DEVICE == "cuda")]
+COND_FAST = [b for b in ("cpu", "experts", "triton") if b in COND_BACKENDS and not (b == "cpu" and DEVICE == "cuda")]
 
 
 @pytest.mark.parametrize("backend", COND_FAST)

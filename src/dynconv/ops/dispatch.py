@@ -12,7 +12,10 @@ time before the first launch).
 
 * a CUDA tensor, with triton installed: ``'triton'``;
 * otherwise the op's PyTorch fast path, which runs on any device: ``'gather'`` for
-  ``switched_conv2d``, ``'cpu'`` for ``cond_conv2d`` and ``involution2d``;
+  ``switched_conv2d``, ``'cpu'`` for ``involution2d``; an op with several PyTorch paths
+  names a rule that picks one from the call's arguments instead (``cond_conv2d``: ``'cpu'``
+  or ``'experts'``, whichever its cost model says is cheaper for the shape:
+  :func:`dynconv.ops.condconv.functional.pytorch_backend`);
 * ``'reference'`` only where an op has no fast path for its input (``switched_conv2d``
   with soft routing weights).
 
@@ -26,7 +29,7 @@ import importlib
 import importlib.util
 import os
 from types import ModuleType
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -49,11 +52,14 @@ class Backends:
     only with triton installed); :attr:`names` lists every name the op accepts.
     """
 
-    def __init__(self, op: str, package: str, modules: dict[str, str], portable: str) -> None:
+    def __init__(self, op: str, package: str, modules: dict[str, str], portable: str | Callable[..., str]) -> None:
         self.op = op
         self.package = package
         self.modules = dict(modules)
-        self.portable = portable  # the PyTorch fast path: 'auto' off CUDA (or without triton)
+        #: The PyTorch fast path, 'auto' off CUDA (or without triton): a backend name, or a rule
+        #: ``(x, *op_args) -> name`` for an op with several (``op_args`` as the op passes them
+        #: to :meth:`choose`).
+        self.portable = portable
         #: Every ``backend=`` value the op accepts.
         self.names: tuple[str, ...] = ("auto", "reference", *modules)
 
@@ -78,13 +84,16 @@ class Backends:
             raise ValueError(f"backend must be one of {self.names}, got {backend!r}")
         return backend
 
-    def choose(self, backend: str, x: torch.Tensor) -> str:
+    def choose(self, backend: str, x: torch.Tensor, *op_args: object) -> str:
         """The backend that runs on ``x``: ``backend`` itself, or for ``'auto'`` the rule in
-        this module's docstring. Raises for a name that is unknown, not available in this
-        install (``ValueError``), or ``'triton'`` where Triton cannot run (``RuntimeError``)."""
+        this module's docstring (``op_args``: what the op's portable rule needs besides ``x``).
+        Raises for a name that is unknown, not available in this install (``ValueError``), or
+        ``'triton'`` where Triton cannot run (``RuntimeError``)."""
         self.check(backend)
         if backend == "auto":
-            return "triton" if x.is_cuda and "triton" in self else self.portable
+            if x.is_cuda and "triton" in self:
+                return "triton"
+            return self.portable(x, *op_args) if callable(self.portable) else self.portable
         if backend != "reference" and backend not in self:
             raise ValueError(
                 f"backend {backend!r} is not available here (triton is not installed); "

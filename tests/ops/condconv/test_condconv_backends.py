@@ -13,6 +13,7 @@ from dynconv.ops.condconv import cpu as condconv_cpu
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HAS_TRITON = "triton" in BACKENDS
+FAST_BACKENDS = ["cpu", "experts", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))]
 
 # max |fast - reference| / max |reference|; the reference is float64 math on the same (rounded) inputs
 TOL = {torch.float32: 5e-3 if DEVICE == "cuda" else 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -114,11 +115,52 @@ def test_triton_premixed_kernels_match_reference(case, monkeypatch):
 
 CPU_CASES = [c for c in CASES if CASES[c][-1].get("dtype") != torch.float16]
 
+# the experts backend is the one 'auto' takes on small maps: those, and large ones, too
+EXPERTS_CASES = {
+    **CASES,
+    "map-4x4-wide": (3, 32, 32, (4, 4), 3, 1, 4, 1, 1, 1, {}),
+    "map-4x4-wide-cl-8-experts": (3, 32, 24, (4, 4), 3, 1, 8, 1, 1, 1, {"channels_last": True}),
+    "map-2x2-groups4-stride2": (2, 16, 8, (2, 3), 3, 4, 3, 2, 1, 1, {}),
+    "map-1x1-k1": (4, 12, 10, (1, 1), 1, 1, 2, 1, 0, 1, {}),
+    "map-30x26": (2, 4, 6, (30, 26), 3, 1, 3, 1, 1, 1, {}),
+    "map-30x26-depthwise-cl": (2, 4, 8, (30, 26), 5, 4, 2, 1, 2, 1, {"channels_last": True}),
+    "map-30x26-stride2-dilation3-nobias-cl": (2, 6, 4, (30, 26), 3, 2, 4, 2, 3, 3, {"channels_last": True, "bias": False}),
+}
+
 
 @pytest.mark.parametrize("case", CPU_CASES)
 def test_cpu_matches_reference(case):
     n, cin, cout, hw, k, groups, e, s, p, d, opts = CASES[case]
     run_case("cpu", n, cin, cout, hw, k, groups, e, s, p, d, **opts)
+
+
+@pytest.mark.parametrize("case", list(EXPERTS_CASES))
+def test_experts_matches_reference(case):
+    """Every expert's conv as one dense conv: outputs and the gradients of x, the experts, the
+    bias and the routing weights equal the float64 reference (fp16/bf16 run in fp32 off the GPU)."""
+    n, cin, cout, hw, k, groups, e, s, p, d, opts = EXPERTS_CASES[case]
+    run_case("experts", n, cin, cout, hw, k, groups, e, s, p, d, **opts)
+
+
+def test_experts_stacked_input_layout():
+    """The stacked input is ordered (group, expert, channel), in the input's memory format, and
+    the stacked weight matches it: one conv of the two is the sum of the experts' convs."""
+    from dynconv.ops.condconv import experts as condconv_experts
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 6, 5, 4, generator=gen).contiguous(memory_format=torch.channels_last)
+    r = torch.rand(2, 3, generator=gen)
+    stacked = condconv_experts.stack_input(x, r, 2, torch.float32)
+    assert stacked.shape == (2, 18, 5, 4) and stacked.is_contiguous(memory_format=torch.channels_last)
+    for j in range(2):  # group
+        for e in range(3):  # expert
+            torch.testing.assert_close(
+                stacked[:, (j * 3 + e) * 3 : (j * 3 + e + 1) * 3], r[:, e, None, None, None] * x[:, j * 3 : (j + 1) * 3]
+            )
+    w = torch.randn(3, 4, 3, 3, 3, generator=gen)
+    got = torch.nn.functional.conv2d(stacked, condconv_experts.stacked_weight(w), None, 1, 1, 1, 2)
+    want = sum(r[:, e, None, None, None] * torch.nn.functional.conv2d(x, w[e], None, 1, 1, 1, 2) for e in range(3))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("split", ["one-per-chunk", "uneven"])
@@ -160,15 +202,17 @@ def test_cpu_nhwc_fold_layout():
     torch.testing.assert_close(condconv_cpu._unfold(folded, 3), x, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "experts"])
 @pytest.mark.parametrize("kernel", [3, 5])
-def test_cpu_channels_last_input_gradient_only(kernel):
+def test_channels_last_input_gradient_only(kernel, backend):
     """Frozen experts and routing, a channels_last depthwise layer: only grad x is computed
-    (the input's fold is replaced by a shape-only tensor) and it matches the reference."""
+    (the conv's input is replaced by a shape-only tensor, NaN-poisoned in tests) and it
+    matches the reference."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(3, 8, 7, 6, generator=gen).contiguous(memory_format=torch.channels_last).requires_grad_()
     w = torch.randn(2, 8, 1, kernel, kernel, generator=gen)
     r = torch.rand(3, 2, generator=gen)
-    y = cond_conv2d(x, w, None, r, 1, kernel // 2, 1, 8, backend="cpu")
+    y = cond_conv2d(x, w, None, r, 1, kernel // 2, 1, 8, backend=backend)
     g = torch.randn(y.shape, generator=gen)
     y.backward(g)
     x_ref = x.detach().double().requires_grad_()
@@ -177,7 +221,7 @@ def test_cpu_channels_last_input_gradient_only(kernel):
     assert _rel(x.grad, x_ref.grad) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))])
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_partial_gradients(backend):
     """Only routing weights require grad (frozen experts, fixed input): the skipped gradients stay None."""
     gen = torch.Generator().manual_seed(1)
@@ -192,7 +236,7 @@ def test_partial_gradients(backend):
     assert _rel(r.grad.cpu(), r_ref.grad) < TOL[torch.float32] * 10
 
 
-@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))])
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_compile_fullgraph(backend):
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(2)
@@ -234,7 +278,7 @@ def test_triton_errors_name_the_argument():
         cond_conv2d(x.float(), w.float(), None, r, 1, "same", backend="triton")
 
 
-@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))])
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("groups", [1, 8])
 def test_empty_batch(backend, groups):
     x = torch.randn(0, 8, 5, 5, device=DEVICE, requires_grad=True)

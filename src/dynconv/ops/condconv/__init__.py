@@ -2,7 +2,9 @@
 
 * :mod:`.functional`: the public functions, argument checks, the reference, the backend
   table and the ``dynconv::cond_conv2d_fused`` custom op;
-* :mod:`.cpu`: ``backend='cpu'``, the PyTorch path (CPU, or any device);
+* :mod:`.cpu`: ``backend='cpu'``, the per-example PyTorch path (CPU, or any device);
+* :mod:`.experts`: ``backend='experts'``, every expert's conv as one dense conv (any device;
+  ``auto``'s choice on small maps);
 * :mod:`.triton_launch`: ``backend='triton'``, launching the kernels of :mod:`.triton_kernels`.
 """
 

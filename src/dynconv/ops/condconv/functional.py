@@ -4,9 +4,14 @@
 Dynamic Convolution, Chen et al. 2020). The reference folds the batch into conv groups,
 so the whole batch is one grouped convolution (no Python loop over examples).
 
-Fast backends: ``'cpu'`` (:mod:`.cpu`, PyTorch, any device) and ``'triton'``
-(:mod:`.triton_launch`). Both run as the custom op ``dynconv::cond_conv2d_fused`` (with
-``..._backward``), defined here, whose ``impl`` argument names the backend.
+Fast backends: two PyTorch paths that run on any device, ``'cpu'`` (:mod:`.cpu`: the
+per-example kernels, one grouped conv over chunks of examples) and ``'experts'``
+(:mod:`.experts`: every expert's conv as one dense conv, mixed by the routing weights), and
+``'triton'`` (:mod:`.triton_launch`). All run as the custom op ``dynconv::cond_conv2d_fused``
+(with ``..._backward``), defined here, whose ``impl`` argument names the backend.
+``backend='auto'`` takes ``triton`` for CUDA tensors when triton is installed
+(:mod:`dynconv.ops.dispatch`), else the PyTorch path that :func:`pytorch_backend` estimates
+cheaper for the shape.
 """
 
 from __future__ import annotations
@@ -18,8 +23,76 @@ from ..._checks import conv_output_size, float_input, positive_int
 from ..custom_op import define_op, int_pairs, memory_format_of, skipped
 from ..dispatch import Backends
 
-#: The fast backends of ``cond_conv2d``.
-BACKENDS = Backends("cond_conv2d", __package__, {"cpu": ".cpu", "triton": ".triton_launch"}, portable="cpu")
+# ----------------------------------------------------------------------------- auto: which PyTorch path
+
+# The cost model behind 'auto' off CUDA (or without triton), per example, forward + backward,
+# in multiply-adds (MACs) of a dense conv:
+#
+# * ``cpu`` (per-example kernels): the dense conv's MACs (its grouped conv does as many), the
+#   kernel mixing (4 E MACs per kernel element: mix forward and again backward, the experts'
+#   and the routing weights' gradients), and memory traffic over the per-example kernels,
+#   which on small maps dominates: each kernel serves only H_out * W_out pixels;
+# * ``experts``: E dense convs, and memory traffic over the stacked input (E x the input).
+#
+# The batch size scales both alike, so the choice never depends on it (nor guards on it
+# under torch.compile / torch.export). With 3x3 kernels and C_in = C_out (many channels: the
+# stacking traffic is then small against the convs), ``experts`` wins below about
+# (4 E + 390) / (3 (E - 1)) output pixels: E = 2: 132 (maps up to 11x11), E = 4: 45 (up to
+# 6x6), E = 8: 20 (up to 4x4); of the ResNet-18 CIFAR stages at E = 4 and 8, the 4x4 one.
+
+#: How many MACs moving one fp32 element through memory once costs (time-equivalent). Fit to
+#: issue 12's measurements (2-core VM, fwd+bwd, 4 experts): the ``cpu`` backend's time beyond
+#: the dense conv's, per per-example kernel element, is 436 (N128 C128 16x16) and 378 (N128
+#: C256 8x8) of the dense conv's MAC-times, i.e. about 30 per pass over
+#: :data:`PER_EXAMPLE_KERNEL_PASSES` passes. (At C512 4x4 it is 753: the model is conservative
+#: where ``experts`` wins anyway.)
+ELEMENT_PASS_MACS = 30
+#: Passes over the per-example kernels in the ``cpu`` backend, fwd+bwd: mix (write), oneDNN's
+#: reorder (read, write), conv (read); backward: mix again (write), reorder (read, write),
+#: input gradient (read), kernel gradient (write), its reorder back (read, write), the
+#: experts' and the routing weights' gradient matmuls (read, read).
+PER_EXAMPLE_KERNEL_PASSES = 13
+#: Passes over the ``experts`` backend's stacked input, fwd+bwd: stack (write), conv (read);
+#: backward: stack again (write), weight gradient (read), stacked input's gradient (write),
+#: input gradient (read), routing gradient (read, product write, read).
+STACKED_INPUT_PASSES = 9
+
+
+def path_costs(
+    in_channels: int, out_channels: int, kernel_taps: int, groups: int, experts: int, in_pixels: int, out_pixels: int
+) -> dict[str, float]:
+    """Estimated cost of one example's forward + backward in each PyTorch path, in MACs of a
+    dense conv (the model above): ``{'cpu': ..., 'experts': ...}``. ``kernel_taps`` is
+    ``kH * kW``; pixels are ``H * W`` of the input and of the output."""
+    kernel_elements = out_channels * (in_channels // groups) * kernel_taps
+    dense = 3 * out_pixels * kernel_elements  # forward, input gradient, weight gradient
+    per_example = dense + kernel_elements * (4 * experts + ELEMENT_PASS_MACS * PER_EXAMPLE_KERNEL_PASSES)
+    stacked = experts * dense + ELEMENT_PASS_MACS * STACKED_INPUT_PASSES * experts * in_channels * in_pixels
+    return {"cpu": per_example, "experts": stacked}
+
+
+def pytorch_backend(
+    x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int],
+    dilation: tuple[int, int], groups: int,
+) -> str:
+    """``'experts'`` where :func:`path_costs` estimates it cheaper than ``'cpu'`` for this
+    shape, else ``'cpu'``: ``'auto'``'s choice for CPU tensors (and CUDA ones without triton).
+    Geometry arguments are int pairs."""
+    ho = conv_output_size(x.shape[2], weight.shape[3], stride[0], padding[0], dilation[0])
+    wo = conv_output_size(x.shape[3], weight.shape[4], stride[1], padding[1], dilation[1])
+    costs = path_costs(
+        x.shape[1], weight.shape[1], weight.shape[3] * weight.shape[4], groups, weight.shape[0],
+        x.shape[2] * x.shape[3], ho * wo,
+    )
+    return "experts" if costs["experts"] < costs["cpu"] else "cpu"
+
+
+#: The fast backends of ``cond_conv2d``; off CUDA (or without triton) ``'auto'`` asks
+#: :func:`pytorch_backend`.
+BACKENDS = Backends(
+    "cond_conv2d", __package__, {"cpu": ".cpu", "experts": ".experts", "triton": ".triton_launch"},
+    portable=pytorch_backend,
+)
 
 
 def _check(x, weight, bias, routing_weights, groups) -> None:
@@ -123,7 +196,10 @@ def cond_conv2d(
         routing_weights: each example's expert weights.
         stride, padding, dilation, groups: as ``F.conv2d``.
         backend: ``'auto'`` (see :mod:`dynconv.ops.dispatch`: triton for CUDA tensors, else
-            cpu), ``'reference'``, ``'cpu'``, ``'triton'``.
+            the cheaper PyTorch path for the shape, :func:`pytorch_backend`), ``'reference'``,
+            ``'cpu'`` (per-example kernels: the cheaper on large maps), ``'experts'`` (every
+            expert's conv as one dense conv, ``E`` times its FLOPs: the cheaper on small maps
+            with many channels), ``'triton'``.
 
     Shape:
         - ``x``: ``(N, in_channels, H, W)``; ``weight``: ``(num_experts, out_channels,
@@ -139,10 +215,11 @@ def cond_conv2d(
     """
     BACKENDS.check(backend)
     _check(x, weight, bias, routing_weights, groups)
-    backend = BACKENDS.choose(backend, x)
     if backend == "reference":
         return reference_cond_conv2d(x, weight, bias, routing_weights, stride, padding, dilation, groups)
-    return _OP(x, weight, bias, routing_weights, *int_pairs(stride, padding, dilation), groups, backend)
+    geometry = int_pairs(stride, padding, dilation)
+    backend = BACKENDS.choose(backend, x, weight, *geometry, groups)
+    return _OP(x, weight, bias, routing_weights, *geometry, groups, backend)
 
 
 def cond_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, routing_weights: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,139 @@
+"""``backend='experts'`` for ``cond_conv2d``: every expert's conv as one dense conv, mixed by the routing weights.
+
+Why: the per-example formulation (the ``cpu`` backend, the grouped-conv trick) mixes one
+kernel per example, ``N * E * C_out * C_in/g * kH * kW`` multiply-adds, and writes, reorders
+and reads those ``N`` kernels forward and backward. On small feature maps each kernel
+serves few pixels, so that traffic, not the convolution, is the cost (issue 12: N128 C512
+4x4, 4 experts: 16.8x a dense conv). Here the kernels are never mixed:
+
+    y_n = sum_e r_ne (W_e * x_n) = [W_1 | ... | W_E] * [r_n1 x_n; ...; r_nE x_n]
+
+one dense conv of the routing-scaled, expert-stacked input (``E * C_in`` channels) against the
+experts concatenated along their input channels: the FLOPs of ``E`` dense convs, run as one
+large GEMM, whatever the batch size. Groups and depthwise layers keep their grouping: the
+stacked input is ordered ``(group, expert, channel)``, so group ``j`` of the conv sees every
+expert's copy of its own channels.
+
+Why this form and not the output-stacked one (one conv to ``E * C_out`` channels, then the
+routing-weighted sum), which has the same conv FLOPs:
+
+- the routing gradient: here ``d loss / d r_ne = <g_ne, x_n>``, with ``g`` the gradient of the
+  stacked input, which the input gradient needs anyway (``dx_n = sum_e r_ne g_ne``). The
+  output-stacked form needs every expert's output (``<grad_n, y_ne>``): ``E`` outputs held from
+  forward to backward, or ``E`` more dense convs to recompute them;
+- the conv writes the output once, not ``E`` outputs that a weighted sum reads back;
+- transient memory: ``E`` x the input (the stacked input, then its gradient) instead of ``E`` x
+  the output; larger only for strided or channel-reducing layers.
+
+Backward: one ``aten.convolution_backward`` (gradients nobody asked for are not computed),
+then two reductions over the experts. The stacked input is rebuilt from ``x`` (one
+element-wise pass) rather than saved: the custom op saves only its inputs, so training keeps
+no ``E`` x input tensor per layer. Letting autograd differentiate the same composition runs
+the same dense ops but keeps the stacked input alive from forward to backward.
+
+Outputs and input gradients keep the input's memory format (the stacked input is built in
+it, so oneDNN / cuDNN run their NHWC kernels on channels_last batches). Half-precision inputs
+are computed in fp32 off the GPU (:func:`~dynconv.ops.custom_op.compute_dtype`). Pure
+PyTorch: it runs on any device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..custom_op import compute_dtype, memory_format_of, not_a_view, poison, skipped
+
+_aten = torch.ops.aten
+Pair = tuple[int, int]
+
+
+def _math_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for half-precision inputs off the GPU (slow and lossy there), else ``x``'s dtype
+    (cuDNN accumulates half-precision convs in fp32 itself)."""
+    return x.dtype if x.is_cuda else compute_dtype(x.dtype)
+
+
+def stacked_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``(E, out, in/g, kH, kW)`` -> ``(out, E * in/g, kH, kW)``: each output channel's kernels
+    of all experts side by side, in the order of :func:`stack_input`'s channels."""
+    experts, out, per_group, kh, kw = weight.shape
+    return weight.transpose(0, 1).reshape(out, experts * per_group, kh, kw)
+
+
+def _stacked_buffer(x: torch.Tensor, experts: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised ``(N, groups, E, in/g, H, W)`` buffer laid out so that merging its
+    dims 1-3 gives an ``(N, E * in, H, W)`` tensor in ``x``'s memory format (poisoned under
+    :data:`~dynconv.ops.custom_op.POISON_OUTPUTS`)."""
+    n, c, h, w = x.shape
+    shape = (n, groups, experts, c // groups)
+    if memory_format_of(x) == torch.channels_last:
+        return poison(x.new_empty((n, h, w, *shape[1:]), dtype=dtype)).permute(0, 3, 4, 5, 1, 2)
+    return poison(x.new_empty((*shape, h, w), dtype=dtype))
+
+
+def stack_input(x: torch.Tensor, routing: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """The routing-scaled, expert-stacked input ``(N, E * in, H, W)`` in ``x``'s memory
+    format: channel ``(j * E + e) * in/g + c`` holds ``routing[n, e] * x[n, j * in/g + c]``."""
+    n, experts = routing.shape
+    buffer = _stacked_buffer(x, experts, groups, dtype)
+    torch.mul(x.unflatten(1, (groups, 1, -1)), routing.to(dtype).view(n, 1, experts, 1, 1, 1), out=buffer)
+    return buffer.flatten(1, 3)
+
+
+def forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, routing: torch.Tensor,
+    stride: Pair, padding: Pair, dilation: Pair, groups: int,
+) -> torch.Tensor:
+    """Forward pass; geometry arguments are int pairs."""
+    dtype = _math_dtype(x)
+    stacked = stack_input(x, routing, groups, dtype)
+    y = F.conv2d(stacked, stacked_weight(weight).to(dtype), None, stride, padding, dilation, groups)
+    del stacked
+    if bias is not None:  # per-example biases: a conv's bias is per channel only
+        y += (routing.to(dtype) @ bias.to(dtype))[:, :, None, None]
+    return not_a_view(y.to(x.dtype).contiguous(memory_format=memory_format_of(x)))
+
+
+def backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, routing: torch.Tensor,
+    stride: Pair, padding: Pair, dilation: Pair, groups: int, need_input: bool = True, need_params: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(grad_x, grad_weight, grad_bias, grad_routing)``; skipped ones are fresh empty tensors."""
+    if not (need_input or need_params):
+        return skipped(x), skipped(x), skipped(x), skipped(x)
+    n, experts = routing.shape
+    dtype = _math_dtype(x)
+    fmt = memory_format_of(x)
+    grad = grad.to(dtype)
+    r = routing.to(dtype)
+    # the weight gradient reads the stacked input; the input gradient needs only its shape
+    stacked = stack_input(x, r, groups, dtype) if need_params else _stacked_buffer(x, experts, groups, dtype).flatten(1, 3)
+    grad_stacked, grad_w_stacked, _ = _aten.convolution_backward(
+        grad, stacked, stacked_weight(weight).to(dtype), None, list(stride), list(padding), list(dilation),
+        False, [0, 0], groups, [True, need_params, False],
+    )
+    del stacked
+    per_expert = grad_stacked.unflatten(1, (groups, experts, -1))  # (N, groups, E, in/g, H, W), a view
+
+    grad_x = skipped(x)
+    if need_input:  # dx_n = sum_e r_ne g_ne
+        grad_x = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=fmt)
+        grouped = grad_x.unflatten(1, (groups, -1))
+        torch.mul(per_expert[:, :, 0], r[:, 0, None, None, None, None], out=grouped)
+        for e in range(1, experts):
+            grouped.addcmul_(per_expert[:, :, e], r[:, e, None, None, None, None])
+        grad_x = grad_x.to(x.dtype)
+    if not need_params:
+        return grad_x, skipped(x), skipped(x), skipped(x)
+
+    # d loss / d r_ne = <g_ne, x_n> (+ the mixed bias's share below)
+    x_grouped = x.to(dtype).unflatten(1, (groups, -1))
+    grad_r = torch.stack([(per_expert[:, :, e] * x_grouped).sum(dim=(1, 2, 3, 4)) for e in range(experts)], dim=1)
+    grad_w = grad_w_stacked.view(weight.shape[1], experts, *weight.shape[2:]).transpose(0, 1)
+    grad_b = skipped(x)
+    if bias is not None:
+        grad_per_example = grad.sum(dim=(2, 3))  # (N, out): d loss / d bias_n
+        grad_b = (r.t() @ grad_per_example).to(bias.dtype)
+        grad_r += grad_per_example @ bias.to(dtype).t()
+    return grad_x, grad_w.to(weight.dtype).contiguous(), grad_b, grad_r.to(routing.dtype)
