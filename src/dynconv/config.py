@@ -155,9 +155,36 @@ class LossConfig:
 
 
 @dataclass
+class PlateauConfig:
+    """``train.stop_on_plateau``: "trained to convergence" as a stop condition. After each
+    evaluation, eval ``metric`` counts as improved when it beats the reference value (the last
+    value that counted, at first the first evaluation) by at least ``min_rel_improvement`` of
+    it (0.005: 0.5%), in the metric's direction (lower is better for losses, higher for PSNR);
+    training stops after ``patience`` evaluations in a row without such an improvement, but
+    not before step ``min_steps``. ``train.steps`` (or ``epochs``) stays the cap. The stop is
+    logged (event ``plateau``), recorded in the last checkpoint's meta (``stopped``) and in
+    ``metrics.json``; the rule's state is saved with every checkpoint, so a resumed run
+    continues it exactly."""
+
+    metric: str
+    min_rel_improvement: float = 0.005
+    patience: int = 5
+    min_steps: int = 0
+
+    def validate(self, path: str) -> None:
+        if not 0.0 <= self.min_rel_improvement < 1.0:
+            raise ConfigError(f"{path}.min_rel_improvement",
+                              f"expected a relative improvement in [0, 1) such as 0.005 (0.5%), got {self.min_rel_improvement}")
+        _at_least(self.patience, 1, f"{path}.patience")
+        _at_least(self.min_steps, 0, f"{path}.min_steps")
+
+
+@dataclass
 class TrainConfig:
     """Give ``steps`` (optimizer steps) or ``epochs``. ``accumulate`` micro-batches of
-    ``batch_size`` make one optimizer step. ``ema`` is the decay of a weight EMA (None: off)."""
+    ``batch_size`` make one optimizer step. ``ema`` is the decay of a weight EMA (None: off).
+    ``stop_on_plateau`` (:class:`PlateauConfig`) may end training earlier, once an eval metric
+    has stopped improving."""
 
     steps: Optional[int] = None
     epochs: Optional[int] = None
@@ -170,6 +197,7 @@ class TrainConfig:
     ema: Optional[float] = None
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    stop_on_plateau: Optional[PlateauConfig] = None
 
     def validate(self, path: str) -> None:
         if (self.steps is None) == (self.epochs is None):

@@ -79,6 +79,11 @@ def check_config(config: Config, *, training: bool = True) -> str:
         if task not in METRICS[name][0]:
             raise ConfigError(f"eval.metrics[{i}]", f"metric {name!r} does not apply to {task} model {config.model.name!r}; "
                               f"expected one of {metrics_for(task)}")
+    plateau = config.train.stop_on_plateau
+    evaluated = list(config.eval.metrics) or list(TASKS[task].metrics)
+    if plateau is not None and plateau.metric not in evaluated:
+        raise ConfigError("train.stop_on_plateau.metric", f"expected one of the evaluated metrics {evaluated} "
+                          f"(eval.metrics), got {plateau.metric!r}")
     if config.train.precision == "fp16" and use_cpu(config):
         raise ConfigError("train.precision", "fp16 needs a GPU (loss scaling with GradScaler); on CPU use bf16 or fp32")
     if config.train.device == "cuda" and not torch.cuda.is_available():

@@ -45,6 +45,7 @@ from .grad_checkpoint import enable_block_checkpointing
 from .loaders import eval_loader, to_device, train_loader
 from .lock import RunDirLock
 from .logging import RunLogger, count_records_after, record_run_start
+from .plateau import PlateauRule
 from .schedule import annealed_state, check_anneal_targets, set_annealed, set_lr
 from .signals import StopSignals
 from .tasks import METRICS, TASKS, eval_set_metric, per_example_metric
@@ -63,6 +64,7 @@ class FitResult:
     metrics: dict[str, float] = field(default_factory=dict)
     best: dict[str, Any] | None = None
     signal: str | None = None  # 'SIGINT' or 'SIGTERM' when a signal interrupted the run
+    stopped: dict[str, Any] | None = None  # why it ended before total_steps (train.stop_on_plateau)
 
 
 class StepOutcome(NamedTuple):
@@ -171,6 +173,8 @@ class Trainer:
         self.metric_names = list(config.eval.metrics) or list(self.task_spec.metrics)
         self.best_metric = config.eval.best_metric or self.metric_names[0]
         self.best_mode = config.eval.best_mode if config.eval.best_metric else METRICS[self.best_metric][1]
+        rule = config.train.stop_on_plateau
+        self.plateau = PlateauRule(rule, METRICS[rule.metric][1]) if rule is not None else None
         self.eval_dataset = build_split(config, config.data.eval_split, config.data.eval_options)
         check_split_images(self.task, "eval", self.eval_dataset, self.metric_names)
         if mode == "eval":
@@ -269,7 +273,7 @@ class Trainer:
         self._mid_step = False
         try:
             with self._stop.watching(self.logger.write):
-                while self.step < stop_at:
+                while self.step < stop_at and not self._stopped_on_plateau():
                     batch = next(stream)
                     self._convert_if_due(batch)
                     outcome = self._train_step(batch, stream)
@@ -340,16 +344,21 @@ class Trainer:
             self._log_train(step.lr)
         if cfg.log.images_every and self.step % cfg.log.images_every == 0:
             self._log_images()
-        improved = False
+        improved = plateau = False
         if self.step % cfg.eval.every == 0 or self.step == self.total_steps:
             improved = self._evaluate_and_track()
-        if self.step % cfg.log.checkpoint_every == 0 or improved or self.step == stop_at or interrupted:
-            result.checkpoint = self.save(reason="interrupt" if interrupted else "periodic")
+            plateau = self.plateau is not None and self.plateau.update(self.step, self.last_metrics.get(self.plateau.config.metric, math.nan))
+        if self.step % cfg.log.checkpoint_every == 0 or improved or self.step == stop_at or interrupted or plateau:
+            result.checkpoint = self.save(reason="interrupt" if interrupted else "plateau" if plateau else "periodic")
             if improved and self.is_main:
                 ckpt.write_best(self.ckpt_dir, result.checkpoint, self.best_metric, self.best["value"], self.step)
                 ckpt.prune_checkpoints(self.ckpt_dir, cfg.log.keep_last)
+        if plateau:
+            log.event("plateau", self.step, checkpoint=str(result.checkpoint),
+                      **{k: v for k, v in self.plateau.stopped.items() if k != "step"})
+            log.write(self.plateau.describe_stop())
         if not interrupted:
-            return False
+            return plateau
         result.interrupted = True
         result.signal = self._stop.name
         log.event("interrupt", self.step, checkpoint=str(result.checkpoint), signal=self._stop.name)
@@ -387,10 +396,17 @@ class Trainer:
         result.step = self.step
         result.metrics = dict(self.last_metrics)
         result.best = self.best
-        if self.is_main and self.last_metrics and self.step == self.total_steps:
+        result.stopped = self.plateau.stopped if self.plateau is not None else None
+        finished = self.step == self.total_steps or (result.stopped is not None and self.step == result.stopped["step"])
+        if self.is_main and self.last_metrics and finished:
             ckpt.atomic_write_text(self.run_dir / "metrics.json", json.dumps(
-                {"step": self.step, "metrics": self.last_metrics, "best": self.best}, indent=2))
+                {"step": self.step, "metrics": self.last_metrics, "best": self.best,
+                 **({"stopped": result.stopped} if result.stopped else {})}, indent=2))
         return result
+
+    def _stopped_on_plateau(self) -> bool:
+        """``train.stop_on_plateau`` ended this run (now, or before the checkpoint it resumed)."""
+        return self.plateau is not None and self.plateau.stopped is not None
 
     def _convert_if_due(self, batch: dict) -> None:
         """Staged conversion: convert at ``convert.step`` (once; the batch checks the loss)."""
@@ -529,6 +545,7 @@ class Trainer:
             "world_size": self.world,
             "best": json.dumps(self.best) if self.best else None,
             "buffers": ckpt.nonpersistent_buffers(self.raw),
+            "plateau": json.dumps(self.plateau.state_dict()) if self.plateau is not None else None,
         }
 
     def save(self, position: tuple[int, int] | None = None, *, gather_rng: bool = True, reason: str = "periodic",
@@ -545,6 +562,8 @@ class Trainer:
                     # what `dynconv viz` reports: the usage counters are not part of the weights
                     "routing": {"step": self.step, "layers": self._routing_stats()},
                     "annealed": annealed_state(self.raw, self.config.anneal)}
+            if self._stopped_on_plateau():  # the run's last checkpoint: why it ended before total_steps
+                meta["stopped"] = self.plateau.stopped
             import yaml
 
             path = ckpt.save_checkpoint(
@@ -574,6 +593,8 @@ class Trainer:
         ckpt.set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
         ckpt.load_nonpersistent_buffers(self.raw, state.get("buffers", {}))
         self.best = json.loads(state["best"]) if state.get("best") else None
+        if self.plateau is not None and state.get("plateau"):
+            self.plateau.load_state_dict(json.loads(state["plateau"]))
         self._last_saved_step = self.step
 
     # -- staged conversion -------------------------------------------------------------------------
