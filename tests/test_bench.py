@@ -10,6 +10,7 @@ from dynconv import bench
 from dynconv.bench import common
 from dynconv.bench import condconv as bench_condconv
 from dynconv.bench import involution as bench_involution
+from dynconv.bench import switched as bench_switched
 
 
 def test_bench_condconv_smoke(monkeypatch, tmp_path, capsys):
@@ -22,9 +23,38 @@ def test_bench_condconv_smoke(monkeypatch, tmp_path, capsys):
     assert payload["env"]["malloc"]  # the allocator setting is recorded with the results
     got = {(r["shape"].split(" (quick")[0], r["method"]) for r in payload["rows"]}
     for shape in ("tiny dense", "tiny dw k5"):
-        assert {(shape, m) for m in ("nn.Conv2d", "grouped-trick", "reference", "cpu")} <= got
-    assert all(r["note"] in ("", "same grouped-conv math as grouped-trick (bias added after the conv)") for r in payload["rows"])
+        assert {(shape, m) for m in ("nn.Conv2d", "grouped-trick", "reference", "cpu", "experts", "auto")} <= got
+    notes = {"", "same grouped-conv math as grouped-trick (bias added after the conv)", "auto -> cpu", "auto -> experts"}
+    assert all(r["note"] in notes for r in payload["rows"])
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in payload["rows"])
+    assert all(r["runs"] in ("cpu", "experts") for r in payload["rows"] if r["method"] == "auto")
+    assert "targets (judged on auto):" in table and "(target <= 1.3)" in table
+
+
+def test_bench_condconv_resnet18_cifar_set(monkeypatch, tmp_path, capsys):
+    """The CIFAR stages, a chosen subset of methods at a given batch: each auto row names
+    its choice, and the targets are the CIFAR ones (<= 1.6x from 256 pixels, else <= E x)."""
+    monkeypatch.setattr(bench_condconv, "RESNET18_CIFAR_SHAPES", [("S 16x16", 128, 4, 16, 3, 1), ("S 2x2", 128, 48, 2, 3, 1)])
+    out = tmp_path / "condconv.json"
+    argv = ["condconv", "--device", "cpu", "--quick", "--experts", "4", "--shape-set", "resnet18-cifar", "--batch", "16",
+            "--methods", "experts,auto", "--channels-last", "--json", str(out)]
+    assert bench.main(argv) == 0
+    table = capsys.readouterr().out
+    payload = json.loads(out.read_text())
+    assert payload["shape_set"] == "resnet18-cifar" and payload["batch"] == 16 and payload["channels_last"]
+    assert {(r["shape"], r["method"]) for r in payload["rows"]} == {
+        (f"S {s} (batch 16)", m) for s in ("16x16", "2x2") for m in ("nn.Conv2d", "experts", "auto")
+    }
+    auto = {r["shape"]: r["runs"] for r in payload["rows"] if r["method"] == "auto"}
+    assert auto == {"S 16x16 (batch 16)": "cpu", "S 2x2 (batch 16)": "experts"}
+    assert "| auto (experts) |" in table
+    assert "S 16x16 (batch 16) E=4 fp32, auto (cpu): fwd+bwd / nn.Conv2d" in table and "(target <= 1.6)" in table
+    assert "(target <= 4)" in table
+
+
+def test_bench_condconv_rejects_unknown_methods():
+    with pytest.raises(SystemExit, match="--methods"):
+        bench.main(["condconv", "--device", "cpu", "--methods", "triton-on-cpu"])
 
 
 def test_bench_involution_smoke(monkeypatch, tmp_path, capsys):
@@ -37,6 +67,28 @@ def test_bench_involution_smoke(monkeypatch, tmp_path, capsys):
     assert payload["env"]["malloc"] == "glibc default"
     assert payload["channels_last"] is True  # --channels-last applies on CPU as well
     assert {r["method"] for r in payload["rows"]} >= {"unfold", "reference", "cpu"}
+
+
+def test_bench_involution_and_switched_at_the_cifar_stages(monkeypatch, tmp_path, capsys):
+    """``--shape-set resnet18-cifar`` measures involution (against the 3x3 conv it replaces)
+    and the switched conv at ResNet-18's CIFAR stages."""
+    monkeypatch.setattr(bench_involution, "RESNET18_CIFAR_SHAPES", [("S 4x4 K3 G2", 128, 32, 4, 3, 2)])
+    out = tmp_path / "involution.json"
+    argv = ["involution", "--device", "cpu", "--quick", "--batch", "2", "--shape-set", "resnet18-cifar", "--json", str(out)]
+    assert bench.main(argv) == 0
+    assert "backend / nn.Conv2d 3x3 fwd+bwd" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["method"] for r in rows} >= {"nn.Conv2d", "unfold", "cpu"} and {r["shape"] for r in rows} == {"S 4x4 K3 G2 (batch 2)"}
+
+    assert set(bench_switched.CIFAR_SHAPES) == {"n128c64h32", "n128c128h16", "n128c256h8", "n128c512h4"}
+    monkeypatch.setattr(bench_switched, "CIFAR_SHAPES", {"n128c512h4": (128, 512, 512, 4)})
+    out = tmp_path / "switched.json"
+    argv = ["switched", "--device", "cpu", "--quick", "--batch", "1", "--breadths", "8", "--shape-set", "resnet18-cifar",
+            "--methods", "gather", "--json", str(out)]
+    assert bench.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["shape"], r["method"]) for r in rows} == {("n128c512h4", "nn.Conv2d"), ("n128c512h4", "gather")}
+    assert "targets:" not in capsys.readouterr().out  # gather b=8 has a target, on the switched conv's own shapes only
 
 
 def test_measure_methods_reports_a_failing_method_and_goes_on():

@@ -16,6 +16,33 @@ from typing import Callable, NamedTuple
 import torch
 
 
+#: ResNet-18's CIFAR-10 stages at batch 128, 3x3 convs (issue 12): ``(name, N, C, H = W)``.
+#: Every stage does the same FLOPs; per-example kernels (CondConv) get costlier as the maps
+#: shrink. Each benchmark measures its op at these shapes with ``--shape-set resnet18-cifar``.
+RESNET18_CIFAR_STAGES: list[tuple[str, int, int, int]] = [
+    ("N128 C64 32x32", 128, 64, 32),
+    ("N128 C128 16x16", 128, 128, 16),
+    ("N128 C256 8x8", 128, 256, 8),
+    ("N128 C512 4x4", 128, 512, 4),
+]
+#: The ``--shape-set`` names every benchmark accepts.
+SHAPE_SETS = ("default", "resnet18-cifar")
+
+
+def add_shape_set_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--shape-set", choices=SHAPE_SETS, default="default",
+        help="default: the benchmark's own shapes; resnet18-cifar: ResNet-18's CIFAR stages (N128, C64 32x32 .. C512 4x4)",
+    )
+
+
+def add_batch_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--batch", type=int, default=None,
+        help="run every shape at this batch size instead (e.g. a small one: a smoke run)",
+    )
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

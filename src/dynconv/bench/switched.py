@@ -22,8 +22,20 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .common import add_layout_options, add_malloc_option, environment, measure_methods, pin_glibc_malloc, uses_channels_last
+from .common import (
+    RESNET18_CIFAR_STAGES,
+    add_batch_option,
+    add_layout_options,
+    add_malloc_option,
+    add_shape_set_option,
+    environment,
+    measure_methods,
+    pin_glibc_malloc,
+    uses_channels_last,
+)
 
+#: ``--shape-set resnet18-cifar``: ResNet-18's CIFAR stages (N128, C64 32x32 .. C512 4x4).
+CIFAR_SHAPES: dict[str, tuple[int, int, int, int]] = {f"n{n}c{c}h{hw}": (n, c, c, hw) for _, n, c, hw in RESNET18_CIFAR_STAGES}
 # name -> (N, C_in, C_out, H=W)
 SHAPES: dict[str, tuple[int, int, int, int]] = {
     "n32c64h128": (32, 64, 64, 128),
@@ -31,6 +43,7 @@ SHAPES: dict[str, tuple[int, int, int, int]] = {
     "n512c256h8": (512, 256, 256, 8),
     "n16c128h64": (16, 128, 128, 64),
     "n8c64h64": (8, 64, 64, 64),  # the CPU target shape
+    **CIFAR_SHAPES,
 }
 GPU_SHAPES = ("n32c64h128", "n512c64h32", "n512c256h8", "n16c128h64")
 CPU_SHAPES = ("n8c64h64",)
@@ -96,14 +109,16 @@ def run(
     warmup: int,
     batch_divisor: int = 1,
     printer: Callable[[Row], None] | None = None,
+    batch: int | None = None,
 ) -> list[Row]:
-    """Measure every (shape, dtype, breadth); within one, all methods are timed interleaved."""
+    """Measure every (shape, dtype, breadth); within one, all methods are timed interleaved.
+    ``batch`` replaces every shape's batch size (then ``batch_divisor`` is ignored)."""
     from ..ops import switched_conv2d
 
     rows: list[Row] = []
     for shape_name in shapes:
         n, c, o, h = SHAPES[shape_name]
-        shape = (max(1, n // batch_divisor), c, o, h)
+        shape = (batch or max(1, n // batch_divisor), c, o, h)
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
             conv = nn.Conv2d(c, o, 3, padding=1, device=device, dtype=dtype)
@@ -161,9 +176,12 @@ def format_row(r: Row) -> str:
 
 
 def target_lines(rows: list[Row], device: torch.device) -> list[str]:
-    """The issue's targets, checked against the rows that match them."""
+    """The issue's targets, checked against the rows that match them (the switched conv's own
+    shapes: the ResNet-18 CIFAR stages are measured for comparison, without targets)."""
     lines = []
     for r in rows:
+        if r.shape in CIFAR_SHAPES:
+            continue
         for (method, dev, dtype, breadth), limits in TARGETS.items():
             if r.method != method or device.type != dev or r.breadth != breadth or (dtype and r.dtype != dtype):
                 continue
@@ -193,8 +211,10 @@ def build_parser(prog: str = "python -m dynconv.bench switched") -> argparse.Arg
     p.add_argument(
         "--shapes",
         default=None,
-        help=f"comma list of {sorted(SHAPES)} (default: {','.join(GPU_SHAPES)} on cuda, {','.join(CPU_SHAPES)} on cpu)",
+        help=f"comma list of {sorted(SHAPES)} (default: {','.join(GPU_SHAPES)} on cuda, {','.join(CPU_SHAPES)} on cpu; "
+        f"with --shape-set resnet18-cifar: {','.join(CIFAR_SHAPES)})",
     )
+    add_shape_set_option(p)
     p.add_argument("--breadths", default=None, help=f"comma list of expert counts (default: {','.join(map(str, BREADTHS))})")
     p.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: bf16,fp32 on cuda, fp32 on cpu)")
     p.add_argument("--methods", default=None, help=f"comma list of {','.join(METHODS)} (default: all available)")
@@ -202,6 +222,7 @@ def build_parser(prog: str = "python -m dynconv.bench switched") -> argparse.Arg
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement (default 20 cuda, 7 cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs (default: unchanged)")
     p.add_argument("--quick", action="store_true", help="batch / 16, breadths 1,8, 2 repetitions: a smoke run")
+    add_batch_option(p)
     add_malloc_option(p)
     p.add_argument("--json", default=None, help="also write the environment and rows to this JSON file")
     return p
@@ -216,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     is_cuda = device.type == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
-    shapes = _csv(args.shapes or ",".join(GPU_SHAPES if is_cuda else CPU_SHAPES), SHAPES, "shapes")
+    if args.batch is not None and args.batch < 1:
+        raise SystemExit(f"--batch: expected a positive batch size, got {args.batch}")
+    default_shapes = CIFAR_SHAPES if args.shape_set == "resnet18-cifar" else (GPU_SHAPES if is_cuda else CPU_SHAPES)
+    shapes = _csv(args.shapes or ",".join(default_shapes), SHAPES, "shapes")
     breadths = _csv(args.breadths or ("1,8" if args.quick else ",".join(map(str, BREADTHS))), None, "breadths", int)
     dtypes = _csv(args.dtypes or ("bf16,fp32" if is_cuda else "fp32"), DTYPES, "dtypes")
     available = available_methods(device)
@@ -238,14 +262,17 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER)
     rows = run(
         device, shapes, breadths, dtypes, channels_last, methods, reps, warmup,
-        batch_divisor=16 if args.quick else 1, printer=lambda r: print(format_row(r), flush=True),
+        batch_divisor=16 if args.quick else 1, printer=lambda r: print(format_row(r), flush=True), batch=args.batch,
     )  # fmt: skip
     lines = target_lines(rows, device)
     if lines:
         print("\ntargets:")
         print("\n".join(lines))
     if args.json:
-        payload = {"env": env, "channels_last": channels_last, "quick": args.quick, "reps": reps, "rows": [asdict(r) for r in rows]}
+        payload = {
+            "env": env, "channels_last": channels_last, "quick": args.quick, "reps": reps, "batch": args.batch,
+            "rows": [asdict(r) for r in rows],
+        }
         Path(args.json).write_text(json.dumps(payload, indent=1))
     return 0
 
