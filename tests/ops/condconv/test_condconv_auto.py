@@ -14,10 +14,12 @@ from dynconv.ops.condconv.functional import path_costs, pytorch_backend
 ONE = (1, 1)
 
 
-def _choice(channels: int, experts: int, hw: tuple[int, int], kernel: int = 3, groups: int = 1, stride: int = 1) -> str:
+def _choice(
+    channels: int, experts: int, hw: tuple[int, int], kernel: int = 3, groups: int = 1, stride: int = 1, batch: int = 128
+) -> str:
     """``auto``'s PyTorch path for a 'same'-padded layer with C_in = C_out off CUDA (meta
     tensors: no memory)."""
-    x = torch.empty(2, channels, *hw, device="meta")
+    x = torch.empty(batch, channels, *hw, device="meta")
     weight = torch.empty(experts, channels, channels // groups, kernel, kernel, device="meta")
     return BACKENDS.choose("auto", x, weight, (stride, stride), (kernel // 2, kernel // 2), ONE, groups)
 
@@ -34,7 +36,12 @@ def test_resnet18_cifar_stages(channels, side, expected, experts):
     assert _choice(channels, experts, (side, side)) == expected
 
 
-def _boundary_pixels(channels: int, experts: int, taps: int = 9) -> float:
+def _weight_share(channels: int, experts: int, batch: int, taps: int = 9) -> float:
+    """The experts path's per-call weight traffic, per example (MACs)."""
+    return functional.ELEMENT_PASS_MACS * functional.EXPERT_WEIGHT_PASSES * experts * channels * channels * taps / batch
+
+
+def _boundary_pixels(channels: int, experts: int, batch: int = 128, taps: int = 9) -> float:
     """Output pixels where the two estimates meet, for a stride-1 layer with C_in = C_out
     (input pixels = output pixels), solved from the model's constants in closed form."""
     kernel_elements = channels * channels * taps
@@ -42,7 +49,7 @@ def _boundary_pixels(channels: int, experts: int, taps: int = 9) -> float:
     experts_per_pixel = 3 * (experts - 1) * kernel_elements + (
         functional.ELEMENT_PASS_MACS * functional.STACKED_INPUT_PASSES * experts * channels
     )
-    return per_example_extra / experts_per_pixel
+    return (per_example_extra - _weight_share(channels, experts, batch, taps)) / experts_per_pixel
 
 
 @pytest.mark.parametrize("channels, experts", [(256, 4), (512, 8), (64, 2), (96, 3)])
@@ -82,12 +89,41 @@ def test_stacking_traffic_counts():
     assert costs["experts"] > costs["cpu"]
 
 
-def test_choice_does_not_depend_on_the_batch():
-    """Both paths scale with the batch alike: no batch-size guard under torch.compile."""
-    weight = torch.empty(4, 512, 512, 3, 3, device="meta")
-    for n in (1, 7, 4096):
-        x = torch.empty(n, 512, 4, 4, device="meta")
-        assert pytorch_backend(x, weight, ONE, ONE, ONE, 1) == "experts"
+@pytest.mark.parametrize("experts", [4, 8])
+def test_small_batches_keep_per_example_kernels(experts):
+    """The experts' weights pass through memory once per call, shared by the batch: below the
+    batch where that share eats the per-example saving, kernels are mixed per example."""
+    c, p = 512, 16
+    costs = path_costs(c, c, 9, 1, experts, p, p)  # per example, without the weight share
+    first = math.floor(_weight_share(c, experts, 1) / (costs["cpu"] - costs["experts"])) + 1
+    assert first == {4: 7, 8: 46}[experts]  # as the comment in condconv/functional.py says
+    assert _choice(c, experts, (4, 4), batch=first - 1) == "cpu"
+    assert _choice(c, experts, (4, 4), batch=first) == "experts"
+    assert _choice(c, experts, (4, 4), batch=1) == "cpu"
+
+
+def test_export_with_a_dynamic_batch_counts_it_as_large(monkeypatch):
+    """Under torch.export a symbolic batch is a large one: no guard on it, the experts path
+    here (it would be 'cpu' for 1-5 examples), and the program is right at any batch."""
+    from torch.export import Dim, export
+
+    ran = []
+    module = BACKENDS.module
+    monkeypatch.setattr(BACKENDS, "module", lambda name: ran.append(name) or module(name))
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(4, 48, 48, 3, 3, generator=gen)
+
+    class Layer(torch.nn.Module):
+        def forward(self, x, r):
+            return cond_conv2d(x, weight, None, r, 1, 1)
+
+    assert _choice(48, 4, (2, 2), batch=2) == "cpu" and _choice(48, 4, (2, 2), batch=16) == "experts"
+    batch = Dim("batch", min=1, max=64)
+    program = export(Layer(), (torch.randn(3, 48, 2, 2), torch.rand(3, 4)), dynamic_shapes=({0: batch}, {0: batch}))
+    for n in (1, 9):
+        x, r = torch.randn(n, 48, 2, 2, generator=gen), torch.rand(n, 4, generator=gen)
+        torch.testing.assert_close(program.module()(x, r), reference_cond_conv2d(x, weight, None, r, 1, 1), rtol=1e-4, atol=1e-4)
+    assert set(ran) == {"experts"}
 
 
 SHAPES = [  # (C_in, C_out, H, W, k, groups, experts, stride)
@@ -136,9 +172,9 @@ def test_auto_runs_the_chosen_path(channels, side, expected, monkeypatch):
     module = BACKENDS.module
     monkeypatch.setattr(BACKENDS, "module", lambda name: ran.append(name) or module(name))
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(3, channels, side, side, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(16, channels, side, side, generator=gen, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(4, channels, channels, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
-    r = torch.rand(3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    r = torch.rand(16, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     y = cond_conv2d(x, weight, None, r, 1, 1)
     y.square().sum().backward()
     assert ran == [expected, expected]  # forward and backward

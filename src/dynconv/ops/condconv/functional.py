@@ -25,20 +25,24 @@ from ..dispatch import Backends
 
 # ----------------------------------------------------------------------------- auto: which PyTorch path
 
-# The cost model behind 'auto' off CUDA (or without triton), per example, forward + backward,
-# in multiply-adds (MACs) of a dense conv:
+# The cost model behind 'auto' off CUDA (or without triton), forward + backward, in
+# multiply-adds (MACs) of a dense conv, per example:
 #
 # * ``cpu`` (per-example kernels): the dense conv's MACs (its grouped conv does as many), the
 #   kernel mixing (4 E MACs per kernel element: mix forward and again backward, the experts'
 #   and the routing weights' gradients), and memory traffic over the per-example kernels,
 #   which on small maps dominates: each kernel serves only H_out * W_out pixels;
-# * ``experts``: E dense convs, and memory traffic over the stacked input (E x the input).
+# * ``experts``: E dense convs, memory traffic over the stacked input (E x the input), and
+#   over the E experts' weights once per call (a share of it per example).
 #
-# The batch size scales both alike, so the choice never depends on it (nor guards on it
-# under torch.compile / torch.export). With 3x3 kernels and C_in = C_out (many channels: the
-# stacking traffic is then small against the convs), ``experts`` wins below about
-# (4 E + 390) / (3 (E - 1)) output pixels: E = 2: 132 (maps up to 11x11), E = 4: 45 (up to
-# 6x6), E = 8: 20 (up to 4x4); of the ResNet-18 CIFAR stages at E = 4 and 8, the 4x4 one.
+# A forward alone costs about a third of each term (the mixing: a quarter), so one rule serves
+# training and inference.
+# With 3x3 kernels, C_in = C_out and a large batch (many channels: the stacking traffic is then
+# small against the convs), ``experts`` wins below about (4 E + 390) / (3 (E - 1)) output
+# pixels: E = 2: 132 (maps up to 11x11), E = 4: 45 (up to 6x6), E = 8: 20 (up to 4x4); of the
+# ResNet-18 CIFAR stages at E = 4 and 8, the 4x4 one. Small batches keep per-example kernels
+# longer: the experts' weight traffic is then shared by few examples (N128 C512 4x4: ``experts``
+# from 7 examples on at E = 4, from 46 at E = 8).
 
 #: How many MACs moving one fp32 element through memory once costs (time-equivalent). Fit to
 #: issue 12's measurements (2-core VM, fwd+bwd, 4 experts): the ``cpu`` backend's time beyond
@@ -56,18 +60,28 @@ PER_EXAMPLE_KERNEL_PASSES = 13
 #: backward: stack again (write), weight gradient (read), stacked input's gradient (write),
 #: input gradient (read), routing gradient (read, product write, read).
 STACKED_INPUT_PASSES = 9
+#: Passes over the E experts' weights per ``experts`` call, fwd+bwd, whatever the batch:
+#: stacking them (read, write), oneDNN's reorder (read, write), conv (read); backward: stacking
+#: (read, write), reorder (read, write), input gradient (read), weight gradient (write), its
+#: reorder back (read, write), unstacking it (read, write).
+EXPERT_WEIGHT_PASSES = 15
 
 
 def path_costs(
-    in_channels: int, out_channels: int, kernel_taps: int, groups: int, experts: int, in_pixels: int, out_pixels: int
+    in_channels: int, out_channels: int, kernel_taps: int, groups: int, experts: int, in_pixels: int, out_pixels: int,
+    batch: int | None = None,
 ) -> dict[str, float]:
-    """Estimated cost of one example's forward + backward in each PyTorch path, in MACs of a
+    """Estimated cost per example of a forward + backward in each PyTorch path, in MACs of a
     dense conv (the model above): ``{'cpu': ..., 'experts': ...}``. ``kernel_taps`` is
-    ``kH * kW``; pixels are ``H * W`` of the input and of the output."""
+    ``kH * kW``; pixels are ``H * W`` of the input and of the output; ``batch``: the examples
+    that share the experts' per-call weight traffic (``None``: a batch large enough that its
+    share vanishes)."""
     kernel_elements = out_channels * (in_channels // groups) * kernel_taps
     dense = 3 * out_pixels * kernel_elements  # forward, input gradient, weight gradient
     per_example = dense + kernel_elements * (4 * experts + ELEMENT_PASS_MACS * PER_EXAMPLE_KERNEL_PASSES)
     stacked = experts * dense + ELEMENT_PASS_MACS * STACKED_INPUT_PASSES * experts * in_channels * in_pixels
+    if batch:
+        stacked += ELEMENT_PASS_MACS * EXPERT_WEIGHT_PASSES * experts * kernel_elements / batch
     return {"cpu": per_example, "experts": stacked}
 
 
@@ -76,13 +90,15 @@ def pytorch_backend(
     dilation: tuple[int, int], groups: int,
 ) -> str:
     """``'experts'`` where :func:`path_costs` estimates it cheaper than ``'cpu'`` for this
-    shape, else ``'cpu'``: ``'auto'``'s choice for CPU tensors (and CUDA ones without triton).
-    Geometry arguments are int pairs."""
+    call, else ``'cpu'``: ``'auto'``'s choice for CPU tensors (and CUDA ones without triton).
+    Geometry arguments are int pairs. A symbolic batch size (``torch.compile`` with dynamic
+    shapes, ``torch.export``) counts as a large batch, so that the choice adds no guard on it."""
     ho = conv_output_size(x.shape[2], weight.shape[3], stride[0], padding[0], dilation[0])
     wo = conv_output_size(x.shape[3], weight.shape[4], stride[1], padding[1], dilation[1])
+    batch = x.shape[0]
     costs = path_costs(
         x.shape[1], weight.shape[1], weight.shape[3] * weight.shape[4], groups, weight.shape[0],
-        x.shape[2] * x.shape[3], ho * wo,
+        x.shape[2] * x.shape[3], ho * wo, batch=None if isinstance(batch, torch.SymInt) else batch,
     )
     return "experts" if costs["experts"] < costs["cpu"] else "cpu"
 
