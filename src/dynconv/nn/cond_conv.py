@@ -115,7 +115,7 @@ class CondConv2d(_ExpertMixture, DynamicConv2d):
             ``temperature``).
         temperature: softmax temperature (settable during training: ``layer.temperature``).
         backend: the :func:`dynconv.ops.cond_conv2d` backend (``'auto'``, ``'reference'``,
-            ``'cpu'``, ``'triton'``).
+            ``'cpu'``, ``'experts'``, ``'triton'``).
 
     Shape:
         - Input: ``(N, in_channels, H, W)``.
