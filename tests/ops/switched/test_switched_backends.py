@@ -507,3 +507,15 @@ def test_gather_scratch_reuse_never_aliases_outputs():
         for a, b in zip([y1.detach()] + [t.grad for t in leaves], kept):
             assert torch.equal(a, b)
 
+
+def test_gather_scratch_made_under_inference_mode_serves_later_training(monkeypatch):
+    """A scratch buffer first allocated inside ``torch.inference_mode`` (a latency measurement)
+    is reused by a later forward/backward outside it (evaluation, training) without error."""
+    monkeypatch.setattr(switched_gather._workspace, "store", {}, raising=False)  # fresh buffers
+    _, x, weight, bias, index, gate, grad = make_case(GEOMS["k3"], torch.float32, 4, "contiguous")
+    with torch.inference_mode():
+        inferred = switched_conv2d(x, weight, bias, (index, gate), 1, 1, 1, "gather")
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias, gate)]
+    y = switched_conv2d(leaves[0], leaves[1], leaves[2], (index, leaves[3]), 1, 1, 1, "gather")
+    y.backward(grad)
+    assert torch.equal(y.detach(), inferred) and all(t.grad is not None for t in leaves)

@@ -68,7 +68,10 @@ def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torc
     numel = math.prod(shape)
     buf = store.get((name, dtype))
     if buf is None or buf.numel() < numel:
-        buf = store[(name, dtype)] = torch.empty(numel, dtype=dtype)
+        # a normal tensor even under torch.inference_mode: an inference tensor kept here could not
+        # be written by a later call outside it (training after an inference-mode forward)
+        with torch.inference_mode(False):
+            buf = store[(name, dtype)] = torch.empty(numel, dtype=dtype)
     return buf[:numel].view(shape)
 
 
