@@ -114,7 +114,8 @@ examples:
     p.add_argument("--include", nargs="+", default=["*"], metavar="PATTERN",
                    help="module names or glob patterns of the convs to convert (default: every conv)")
     p.add_argument("--breadth", type=int, default=8, help="experts per layer (switched: breadth; condconv: num_experts)")
-    p.add_argument("--selector", default="conv1x1", help="switched selector: conv1x1 | lambda (default conv1x1)")
+    p.add_argument("--selector", default="conv1x1",
+                   help="switched selector: conv1x1 | lambda | lambda_then_conv1x1 (default conv1x1)")
     p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="another layer option (YAML value), e.g. --option routing=soft")
     p.add_argument("-o", "--out", type=Path, required=True,
@@ -295,9 +296,11 @@ def _cmd_study(args: argparse.Namespace) -> int:
     print(f"study {plan.name}" + (f" (profile {plan.profile})" if plan.profile else "") + f": {len(plan.runs)} runs "
           f"({len(plan.variants)} variants) into {plan.out}; eval sets {', '.join(plan.eval_sets) or 'none'}")
     if args.dry_run:
+        from .studies.runner import planned_steps
+
         for run in plan.runs:
             branch = f", branch of {run.branch_from.variant} at step {run.branch_from.step}" if run.branch_from else ""
-            print(f"  {run.key}: {run.config['model']['name']}, {run.total_steps} steps, config {run.config_hash}{branch}")
+            print(f"  {run.key}: {run.config['model']['name']}, {planned_steps(run)}, config {run.config_hash}{branch}")
         return EXIT_OK
     if not args.report_only:
         outcome = StudyRunner(plan, progress_every=args.progress_every).run()

@@ -60,8 +60,7 @@ def _curves(plan: StudyPlan, data: dict[str, Any], metric: str | None) -> bytes 
         colour = colours[i % len(colours)]
         for j, run in enumerate(runs):
             parent = plan.run(run.branch_from.variant, run.seed) if run.branch_from else None
-            curves = learning_curves(run.run_dir, parent.run_dir if parent else None,
-                                     run.branch_from.step if run.branch_from else None)
+            curves = learning_curves(run.run_dir, parent.run_dir if parent else None, _branch_step(run))
             label = plan.variants[variant]["label"] if j == 0 else None
             if curves["train"]:
                 steps, losses = zip(*curves["train"])
@@ -85,9 +84,37 @@ def _curves(plan: StudyPlan, data: dict[str, Any], metric: str | None) -> bytes 
     return figure_png(fig)
 
 
+def _branch_step(run) -> int | None:
+    """Where a branch started: its fixed ``branch_from.step``, or (``final`` / ``plateau``) the
+    step its study_run.json records once it ran."""
+    if run.branch_from is None:
+        return None
+    if run.branch_from.fixed:
+        return run.branch_from.step
+    from .runner import STATUS_FILE, read_json
+
+    return ((read_json(run.run_dir / STATUS_FILE) or {}).get("branch_from") or {}).get("step")
+
+
+def _first_eval_item(config) -> Any:
+    """The model input of the first item of ``config``'s eval split (normalised as in training),
+    or None when the split cannot be read."""
+    from ..models import model_task
+    from ..train.experiment import build_split
+    from ..train.tasks import TASKS
+
+    try:
+        dataset = build_split(config, config.data.eval_split, config.data.eval_options)
+        return dataset[0][TASKS[model_task(config.model.name)].input]
+    except Exception:  # noqa: BLE001 - no picture is better than no report
+        return None
+
+
 def _switched_insight(plan: StudyPlan, data: dict[str, Any], report: Report, image_folder: Path | None) -> None:
     """Selector maps of each variant's first finished run on one eval image, with the expert
-    usage and normalised routing entropy of every switched layer on that image."""
+    usage and normalised routing entropy of every switched layer on that image. The image is
+    the first of ``image_folder``, or, for a variant whose first eval set is its own eval split
+    (``null``), the first item of that split."""
     import torch
 
     from ..insight import normalised_entropy, selector_maps, switched_layers
@@ -95,9 +122,7 @@ def _switched_insight(plan: StudyPlan, data: dict[str, Any], report: Report, ima
     from ..train.experiment import load_checkpoint_model
     from ..viz import _display_image, _expert_colours
 
-    image = _first_image(image_folder)
-    if image is None:
-        return
+    folder_image = _first_image(image_folder)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,8 +140,11 @@ def _switched_insight(plan: StudyPlan, data: dict[str, Any], report: Report, ima
             continue
         if not switched_layers(model):
             continue
-        x = image
-        if model_task(config.model.name) == "super_resolution":
+        own_split = next(iter(plan.eval_sets_of(variant).values()), "") is None
+        x = _first_eval_item(config) if own_split else folder_image
+        if x is None:
+            continue
+        if model_task(config.model.name) == "super_resolution" and not own_split:
             from ..data.bicubic import bicubic_resize
 
             scale = int(config.model.options.get("scale", 2))
@@ -197,6 +225,6 @@ def write_report(plan: StudyPlan, data: dict[str, Any], path: Path | None = None
         report.paragraph("Training loss and the periodic evaluation on the training config's eval split, per run; "
                          "branches include their parent's steps before the branch point.")
         report.image(curves)
-    first_set = next(iter(plan.eval_sets.values()), None)
+    first_set = next((folder for folder in plan.eval_sets.values() if folder is not None), None)
     _switched_insight(plan, data, report, first_set)
     return report.write(path or plan.out / "report.html")

@@ -1,7 +1,9 @@
 """A study's numbers: every run's record (``study.json``) and the summary (``results.md``).
 
 Per variant and eval set: mean ± std over seeds; against the baseline, the mean of the
-paired differences (same seed) with a 95% Student-t interval over the pairs, and n.
+paired differences (same seed) with a 95% Student-t interval over the pairs, and n; and the
+same for the relative change (``value / baseline - 1`` per seed), which results.md shows when
+the study sets ``relative_change: true``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from typing import Any
 
 from .runner import STATUS_FILE, read_json, read_log, write_json
 from .spec import StudyPlan
+
+#: how results name an eval set without a folder (``null`` in the study file)
+OWN_EVAL_SPLIT = "each run's own eval split, every batch"
 
 #: metrics where lower is better (the rest: higher is better)
 LOWER_IS_BETTER = {"mse", "l1", "loss"}
@@ -46,6 +51,8 @@ def collect(plan: StudyPlan) -> list[dict[str, Any]]:
                         "branch_from", "wallclock_match"):
                 if key in status:
                     record[key] = status[key]
+            if "stopped" in status:  # ended early by its train.stop_on_plateau rule
+                record["stopped"] = status["stopped"]
         elif "message" in status:
             record["message"] = status["message"]
         records.append(record)
@@ -79,6 +86,15 @@ def paired_difference(values: dict[int, float], baseline: dict[int, float]) -> d
     return out
 
 
+def paired_relative_change(values: dict[int, float], baseline: dict[int, float]) -> dict[str, Any]:
+    """Mean of ``value / baseline - 1`` over the seeds both have (a fraction: -0.2 is 20% below
+    the baseline, whichever direction is better), with a 95% t interval; seeds whose baseline
+    value is 0 or not finite have no relative change and are left out."""
+    usable = {s: b for s, b in baseline.items() if isinstance(b, (int, float)) and math.isfinite(b) and b != 0}
+    return paired_difference({s: v / abs(usable[s]) for s, v in values.items() if s in usable},
+                             {s: b / abs(b) for s, b in usable.items()})
+
+
 def _values(runs: dict[int, dict[str, Any]], set_name: str, metric: str) -> dict[int, float]:
     return {s: r["eval"][set_name][metric] for s, r in runs.items() if metric in r.get("eval", {}).get(set_name, {})}
 
@@ -90,12 +106,13 @@ def summary(plan: StudyPlan, records: list[dict[str, Any]]) -> dict[str, Any]:
     by_variant: dict[str, list[dict[str, Any]]] = {}
     for r in done:
         by_variant.setdefault(r["variant"], []).append(r)
-    base_runs = {r["seed"]: r for r in by_variant.get(plan.baseline, [])}
     out: dict[str, Any] = {}
     for variant in plan.variants:
         runs = by_variant.get(variant, [])
         if not runs:
             continue
+        baseline = plan.baseline_of(variant)  # with data sets: the baseline of this one's
+        base_runs = {r["seed"]: r for r in by_variant.get(baseline, [])}
         entry: dict[str, Any] = {
             "n": len(runs), "seeds": sorted(r["seed"] for r in runs),
             "params": runs[0].get("params"), "flops_per_pixel": runs[0].get("flops_per_pixel"),
@@ -103,18 +120,22 @@ def summary(plan: StudyPlan, records: list[dict[str, Any]]) -> dict[str, Any]:
             "train_seconds": summarise([r.get("train_seconds", math.nan) for r in runs]),
             "steps": runs[0].get("steps"), "sets": {},
         }
-        for set_name in plan.eval_sets:
+        for set_name in plan.eval_sets_of(variant):
             metrics: dict[str, Any] = {}
             names = list(dict.fromkeys(k for r in runs for k in r.get("eval", {}).get(set_name, {})))
             for metric in names:
                 values = {r["seed"]: r["eval"][set_name][metric] for r in runs if metric in r.get("eval", {}).get(set_name, {})}
                 stats = summarise(list(values.values()))
-                if variant != plan.baseline:
-                    stats["vs_baseline"] = paired_difference(values, _values(base_runs, set_name, metric))
+                if variant != baseline:
+                    reference = _values(base_runs, set_name, metric)
+                    stats["vs_baseline"] = {**paired_difference(values, reference),
+                                            "relative": paired_relative_change(values, reference)}
                 control = plan.variants[variant].get("control")
                 if control:
                     control_runs = {r["seed"]: r for r in by_variant.get(control, [])}
-                    stats["vs_control"] = {"control": control, **paired_difference(values, _values(control_runs, set_name, metric))}
+                    reference = _values(control_runs, set_name, metric)
+                    stats["vs_control"] = {"control": control, **paired_difference(values, reference),
+                                           "relative": paired_relative_change(values, reference)}
                 metrics[metric] = stats
             entry["sets"][set_name] = metrics
         out[variant] = entry
@@ -126,7 +147,7 @@ def write_study_json(plan: StudyPlan, path: Path | None = None) -> dict[str, Any
     data = {
         "study": plan.name, "file": str(plan.path), "profile": plan.profile, "baseline": plan.baseline,
         "description": plan.description,
-        "eval_sets": {k: str(v) for k, v in plan.eval_sets.items()},
+        "eval_sets": {k: str(v) if v is not None else None for k, v in plan.eval_sets.items()},
         "variants": plan.variants,
         "environment": environment(),
         "runs": records,
@@ -138,7 +159,12 @@ def write_study_json(plan: StudyPlan, path: Path | None = None) -> dict[str, Any
 
 # ---------------------------------------------------------------------------------- format
 def _decimals(metric: str) -> int:
-    """dB to 2 decimals; ratios (SSIM, accuracy), errors and losses to 4."""
+    """dB to 2 decimals; counts (dead codes) to 0, perplexities to 1; ratios (SSIM, accuracy),
+    errors and losses to 4."""
+    if metric == "dead_codes":
+        return 0
+    if metric.endswith("perplexity"):
+        return 1
     return 2 if metric.startswith("psnr") else 4
 
 
@@ -166,6 +192,16 @@ def fmt_difference(diff: dict[str, Any] | None, decimals: int) -> str:
     return text + f" (n={diff['n']})"
 
 
+def fmt_relative(diff: dict[str, Any] | None) -> str:
+    """A paired relative change as ``-12.3% [-15.1%, -9.5%] (n=3)``."""
+    if not diff or diff["n"] == 0:
+        return "–"
+    text = f"{diff['mean']:+.1%}"
+    if diff["n"] > 1:
+        text += f" [{diff['low']:+.1%}, {diff['high']:+.1%}]"
+    return text + f" (n={diff['n']})"
+
+
 def fmt_seconds(seconds: float) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "–"
@@ -177,6 +213,8 @@ def results_table(plan: StudyPlan, data: dict[str, Any], set_name: str | None = 
     ``set_name``) and metric the mean ± std and the paired difference to the baseline."""
     rows = []
     for variant, entry in data["summary"].items():
+        if set_name is not None and set_name not in entry["sets"]:
+            continue  # another data set's variant
         row = {"variant": plan.variants.get(variant, {}).get("label", variant), "n": str(entry["n"]),
                "params": fmt_number(entry["params"]), "FLOPs/px": fmt_number(entry["flops_per_pixel"], 0),
                "steps": fmt_number(entry.get("steps")), "train time": fmt_seconds(entry["train_seconds"]["mean"])}
@@ -184,15 +222,21 @@ def results_table(plan: StudyPlan, data: dict[str, Any], set_name: str | None = 
             if set_name is not None and name != set_name:
                 continue
             prefix = "" if set_name is not None else f"{name} "
-            for metric, stats in metrics.items():
-                if metric == "loss":
-                    continue
+            shown = [m for m in plan.metrics if m in metrics] if plan.metrics else [m for m in metrics if m != "loss"]
+            for metric in shown:
+                stats = metrics[metric]
                 d = _decimals(metric)
+                delta = "Δ%" if plan.relative_change else "Δ"
+
+                def difference(diff: dict[str, Any] | None) -> str:
+                    return fmt_relative((diff or {}).get("relative")) if plan.relative_change else fmt_difference(diff, d)
+
                 row[f"{prefix}{metric}"] = fmt_mean_std(stats, d)
-                row[f"{prefix}{metric} Δ"] = "(baseline)" if variant == plan.baseline else fmt_difference(stats.get("vs_baseline"), d)
+                row[f"{prefix}{metric} {delta}"] = ("(baseline)" if variant == plan.baseline_of(variant)
+                                                    else difference(stats.get("vs_baseline")))
                 if any(info.get("control") for info in plan.variants.values()):
                     vs = stats.get("vs_control")
-                    row[f"{prefix}{metric} Δ control"] = f"vs {vs['control']}: {fmt_difference(vs, d)}" if vs else ""
+                    row[f"{prefix}{metric} {delta} control"] = f"vs {vs['control']}: {difference(vs)}" if vs else ""
         rows.append(row)
     return rows
 
@@ -216,12 +260,13 @@ def write_results_md(plan: StudyPlan, data: dict[str, Any], path: Path | None = 
     lines += [
         f"{done} of {len(data['runs'])} runs finished. Baseline: `{plan.baseline}`. Mean ± std over seeds (n = seeds); "
         "Δ = mean paired difference to the baseline over the seeds both have, with its 95% t interval.",
-        f"Eval sets: {', '.join(f'{k} ({v})' for k, v in data['eval_sets'].items())}.",
+        f"Eval sets: {', '.join(f'{k} ({v or OWN_EVAL_SPLIT})' for k, v in data['eval_sets'].items())}.",
         f"Device: {env.get('device')}; torch {env.get('torch')}, dynconv {env.get('dynconv')}, commit {env.get('commit')}.",
         "",
     ]
     for set_name in plan.eval_sets:
         lines += [f"## {set_name}", "", markdown_table(results_table(plan, data, set_name))]
+    lines += _comparison_notes(plan, data)
     failed = [r for r in data["runs"] if r["status"] in ("failed", "stale")]
     if failed:
         lines += ["Runs that did not finish:", ""]
@@ -251,3 +296,30 @@ def learning_curves(run_dir: Path, parent_dir: Path | None = None, branch_step: 
         elif r.get("event") == "eval":
             evals[r["step"]] = {k: v for k, v in r.items() if k not in ("event", "step", "time") and isinstance(v, (int, float))}
     return {"train": sorted(train.items()), "eval": sorted(evals.items())}
+
+
+def _comparison_notes(plan: StudyPlan, data: dict[str, Any]) -> list[str]:
+    """What the Δ columns are (relative change, the metrics' directions) and where each
+    branch started and each run with a plateau rule stopped."""
+    from ..train.tasks import METRICS
+
+    notes = [f"Data set `{name}` ({info['label']}): {info['description']}" for name, info in plan.datasets.items()
+             if info.get("description")]
+    if plan.relative_change:
+        notes.append("Δ% = mean over the seeds both have of (value / baseline's value - 1), with its 95% t interval: "
+                     "negative is lower than the baseline, whichever direction is better.")
+    shown = {m for entry in data["summary"].values() for metrics in entry["sets"].values() for m in metrics}
+    lower = sorted(m for m in shown if m in METRICS and METRICS[m][1] == "min")
+    if lower:
+        notes.append(f"Lower is better: {', '.join(lower)}; higher is better: the others.")
+    for r in data["runs"]:
+        if r.get("stopped"):
+            s = r["stopped"]
+            notes.append(f"`{r['variant']}/seed{r['seed']}` stopped on its plateau rule at step {s.get('step')} "
+                         f"({s.get('metric')} {s.get('value'):.6g}; no {s.get('min_rel_improvement', 0):.2%} improvement on "
+                         f"{s.get('reference'):.6g} from step {s.get('reference_step')} in {s.get('evals_without_improvement')} evaluations).")
+        branch = r.get("branch_from") or {}
+        if branch.get("at"):
+            notes.append(f"`{r['variant']}/seed{r['seed']}` branched from `{branch['variant']}` at its {branch['at']} step "
+                         f"{branch['step']}.")
+    return ["Notes:", "", *[f"- {n}" for n in notes], ""] if notes else []

@@ -9,7 +9,9 @@ interrupted one resumes from its checkpoint, a failed one is reported and the ot
 Branches (``branch_from``) start from a copy of the parent's checkpoint at the branch step,
 kept under ``OUT/branch_points/`` (the parent is trained to that step first, the copy made,
 then the parent continues), so parent and branch share weights, optimizer state, data order
-and RNG up to that step.
+and RNG up to that step. A branch from where its parent ends (``step: final`` / ``plateau``)
+starts from a copy of the parent's last checkpoint once the parent has finished; its config
+gets the branch step then (``${branch_step}``, ``train.steps`` = branch step + ``more_steps``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .spec import RunPlan, StudyPlan
+from .spec import RunPlan, StudyPlan, resolve_branch
 
 STATUS_FILE = "study_run.json"
 EVAL_DIR = "eval"
@@ -124,6 +126,13 @@ def _fmt_duration(seconds: float | None) -> str:
     return f"{seconds}s"
 
 
+def planned_steps(run: RunPlan) -> str:
+    """How long ``run`` trains, in words: ``'5,000 steps'`` or ``"pretrain's final step + 800 steps"``."""
+    if run.total_steps is not None:
+        return f"{run.total_steps:,} steps"
+    return f"{run.branch_from.variant}'s {run.branch_from.step} step + {run.branch_from.more_steps:,} steps"
+
+
 def final_checkpoint(run_dir: Path, steps: int) -> Path | None:
     from ..train import checkpoint as ckpt
 
@@ -131,6 +140,24 @@ def final_checkpoint(run_dir: Path, steps: int) -> Path | None:
         if step == steps:
             return path
     return None
+
+
+def run_end(run_dir: Path, steps: int, *, may_stop: bool = False) -> tuple[int, Path, dict[str, Any] | None] | None:
+    """``(step, checkpoint, stopped)`` where a finished run ended: its checkpoint of ``steps``
+    (its train.steps), or, for a run with a plateau rule (``may_stop``), the last checkpoint
+    when that one records the rule's stop (``stopped`` says why); None while it is unfinished.
+    (A branch's copy of its parent's plateau checkpoint is not the branch's end.)"""
+    from ..train import checkpoint as ckpt
+
+    found = ckpt.list_checkpoints(run_dir / "checkpoints")
+    if not found:
+        return None
+    step, path = found[-1]
+    stopped = ckpt.read_meta(path).get("stopped") if may_stop else None
+    if stopped:
+        return step, path, stopped
+    checkpoint = final_checkpoint(run_dir, steps)
+    return (steps, checkpoint, None) if checkpoint is not None else None
 
 
 # -------------------------------------------------------------------------------- runner
@@ -157,7 +184,7 @@ class StudyRunner:
     def is_finished(self, run: RunPlan) -> bool:
         status = self.status(run)
         return bool(status and status.get("status") == "done" and status.get("config_hash") == run.config_hash
-                    and all(name in status.get("eval", {}) for name in self.plan.eval_sets))
+                    and all(name in status.get("eval", {}) for name in self.plan.eval_sets_of(run.variant)))
 
     def config_path(self, run: RunPlan) -> Path:
         return self.out / "configs" / f"{run.variant}-seed{run.seed}.yaml"
@@ -172,9 +199,13 @@ class StudyRunner:
         fallback = sum(known) / len(known)
         total = 0.0
         for run in pending:
-            steps = run.total_steps or 0
-            if run.branch_from is not None:
-                steps -= run.branch_from.step
+            branch = run.branch_from
+            if branch is not None and branch.more_steps is not None:
+                steps = branch.more_steps
+            elif branch is not None:
+                steps = (run.total_steps or 0) - branch.step
+            else:  # a run with a plateau rule may stop earlier: its train.steps is the bound
+                steps = run.total_steps or 0
             total += max(steps, 0) * self.step_times.get(run.variant, fallback)
         return total
 
@@ -208,7 +239,7 @@ class StudyRunner:
                     self.echo(f"{head}: finished earlier, skipped")
                     continue
                 eta = self._remaining_estimate(runs[i:])
-                self.echo(f"{head}: starting ({run.total_steps} steps; study ETA {_fmt_duration(eta)})")
+                self.echo(f"{head}: starting ({planned_steps(run)}; study ETA {_fmt_duration(eta)})")
                 try:
                     result = self.run_one(run, head)
                 except Exception as error:  # noqa: BLE001 - a failed run is reported, the others go on
@@ -242,7 +273,8 @@ class StudyRunner:
                 on_disk = None
             expected = json.loads(json.dumps(run.config))
             expected.setdefault("log", {})["progress"] = False
-            if on_disk is not None and run.match_wallclock is None and _normalise(on_disk) != _normalise(expected):
+            resolved_later = run.match_wallclock is not None or (run.branch_from is not None and not run.branch_from.fixed)
+            if on_disk is not None and not resolved_later and _normalise(on_disk) != _normalise(expected):
                 return RunOutcome(run.key, "failed", f"{run_dir}/config.yaml differs from this study's config for the run; "
                                                      "use another --out or move that run away")
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -253,6 +285,12 @@ class StudyRunner:
         extra: dict[str, Any] = {}
         if run.match_wallclock is not None:
             config, extra["wallclock_match"] = self._match_wallclock(run, config)
+        branch_step = run.branch_from.step if run.branch_from is not None else None
+        if run.branch_from is not None and not run.branch_from.fixed:  # where the parent ended
+            branch_step, failure = self._branch_step_from_end(run)
+            if failure is not None:
+                return failure
+            config = resolve_branch(config, run.branch_from, branch_step)
         config_file = self.config_path(run)
         config_file.parent.mkdir(parents=True, exist_ok=True)
         config_file.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -260,13 +298,13 @@ class StudyRunner:
         # branch children start from the parent's state at the branch step
         if run.branch_from is not None and not (run_dir / "checkpoints").is_dir():
             parent = self.plan.run(run.branch_from.variant, run.seed)
-            source = self.branch_point(parent, run.branch_from.step)
+            source = self.branch_point(parent, branch_step)
             if not source.is_dir():
                 return RunOutcome(run.key, "failed", f"the branch point {source} is missing (did {parent.key} fail?)")
             shutil.copytree(source, run_dir / "checkpoints" / source.name)
         # the steps at which branches of this run start: stop there, keep a copy, continue
-        stops = sorted({r.branch_from.step for r in self.plan.runs
-                        if r.branch_from is not None and r.branch_from.variant == run.variant and r.seed == run.seed})
+        stops = sorted({r.branch_from.step for r in self.plan.runs if r.branch_from is not None and r.branch_from.fixed
+                        and r.branch_from.variant == run.variant and r.seed == run.seed})
         for stop in [*stops, None]:
             if stop is not None and self.branch_point(run, stop).is_dir():
                 continue
@@ -275,15 +313,21 @@ class StudyRunner:
                 return status
             if stop is not None:
                 self._keep_branch_point(run, stop)
-        checkpoint = final_checkpoint(run_dir, steps)
-        if checkpoint is None:
-            return RunOutcome(run.key, "failed", f"no checkpoint of step {steps} in {run_dir}/checkpoints after training")
+        end = run_end(run_dir, steps, may_stop=bool((config.get("train") or {}).get("stop_on_plateau")))
+        if end is None:
+            return RunOutcome(run.key, "failed", f"no checkpoint of step {steps} (nor a plateau stop) in {run_dir}/checkpoints "
+                                                 "after training")
+        steps, checkpoint, stopped = end
+        if any(r.branch_from is not None and not r.branch_from.fixed and r.branch_from.variant == run.variant
+               and r.seed == run.seed for r in self.plan.runs):
+            if not self.branch_point(run, steps).is_dir():  # branches from where this run ended start from a copy
+                self._keep_branch_point(run, steps)
         evals = self._evaluate(run, checkpoint)
         records = read_log(run_dir)
         seconds = train_seconds(records)
         if run.branch_from is not None:
             parent = self.plan.run(run.branch_from.variant, run.seed)
-            seconds += train_seconds(read_log(parent.run_dir), up_to_step=run.branch_from.step)
+            seconds += train_seconds(read_log(parent.run_dir), up_to_step=branch_step)
         self._learn_speed(run)
         first = next(iter(evals.values()), {})
         status = {"variant": run.variant, "seed": run.seed, "status": "done", "config_hash": run.config_hash,
@@ -292,12 +336,29 @@ class StudyRunner:
                   "flops_per": first.get("flops_per"),
                   "eval": {name: result["metrics"] for name, result in evals.items()},
                   "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
+        if stopped:
+            status["stopped"] = stopped
         if run.branch_from is not None:
-            status["branch_from"] = {"variant": run.branch_from.variant, "step": run.branch_from.step}
+            status["branch_from"] = {"variant": run.branch_from.variant, "step": branch_step}
+            if not run.branch_from.fixed:
+                status["branch_from"]["at"] = run.branch_from.step  # 'final' / 'plateau': where the parent ended
         write_json(run_dir / STATUS_FILE, status)
         summary = ", ".join(f"{name} " + " ".join(f"{k} {v:.4g}" for k, v in result["metrics"].items())
                             for name, result in evals.items())
         return RunOutcome(run.key, "done", f"train {_fmt_duration(seconds)}; {summary}")
+
+    def _branch_step_from_end(self, run: RunPlan) -> tuple[int | None, RunOutcome | None]:
+        """The step where ``run``'s parent ended (``branch_from.step`` ``final`` / ``plateau``),
+        from the parent's finished status; or the outcome that fails the branch."""
+        branch = run.branch_from
+        parent = self.plan.run(branch.variant, run.seed)
+        status = self.status(parent) or {}
+        if status.get("status") != "done" or not isinstance(status.get("steps"), int):
+            return None, RunOutcome(run.key, "failed", f"its parent {parent.key} has not finished")
+        if branch.step == "plateau" and not status.get("stopped"):
+            return None, RunOutcome(run.key, "failed", f"branch_from.step is 'plateau' but {parent.key} ran to its "
+                                                       f"train.steps ({status['steps']}) without reaching its plateau rule")
+        return int(status["steps"]), None
 
     def _train(self, run: RunPlan, config_file: Path, head: str, *, max_steps: int | None,
                overrides: list[str] = (), run_dir: Path | None = None) -> RunOutcome | None:
@@ -406,11 +467,17 @@ class StudyRunner:
 
     def _evaluate(self, run: RunPlan, checkpoint: Path) -> dict[str, dict[str, Any]]:
         """Evaluate the final checkpoint on every eval set (``RUN/eval/<set>.json``)."""
-        from ..train.evaluation import evaluate_eval_set
+        from ..train.evaluation import evaluate_eval_set, evaluate_run
 
         results = {}
-        for name, folder in self.plan.eval_sets.items():
-            results[name] = evaluate_eval_set(run.run_dir, name, folder, checkpoint=checkpoint)
+        for name, folder in self.plan.eval_sets_of(run.variant).items():
+            if folder is None:  # the run's own eval split, every batch of it
+                result = evaluate_run(run.run_dir, checkpoint, overrides=["eval.max_batches=null"], write=False)
+                result["eval_set"] = name
+                write_json(run.run_dir / EVAL_DIR / f"{name}.json", result)
+                results[name] = result
+            else:
+                results[name] = evaluate_eval_set(run.run_dir, name, folder, checkpoint=checkpoint)
         return results
 
     # -- signals -------------------------------------------------------------------------------

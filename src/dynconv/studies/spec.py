@@ -30,6 +30,20 @@ Optional variant keys:
   loss term against the same recipe without it.
 - ``label`` / ``description``: shown in the results.
 
+``branch_from.step`` may also be ``final`` (wherever the parent run ended: its
+``train.stop_on_plateau`` stop, else its ``train.steps``) or ``plateau`` (the parent must have
+stopped on its plateau rule, else the branch fails); ``branch_from.more_steps: M`` sets the
+branch's ``train.steps`` to the branch step + M. ``${branch_step}`` in a variant's ``set``
+(e.g. ``convert.step``) is the branch step, filled in when the branch starts.
+
+``datasets`` (top level): ``{name: {label, description, set, eval_sets}}`` runs every variant on
+every data set: run ``<dataset>/<variant>``, its config ``base`` <- ``profile.set`` <- the data
+set's ``set`` <- the profile's per-data-set ``set`` (``profiles.P.datasets.D.set``) <- the
+variant's ... ; baseline, control and branch parents are those of the same data set, and a run
+is evaluated on the study's ``eval_sets`` and its data set's. An eval set whose folder is
+``null`` is the run's own eval split (``data.eval_split``, every batch). ``relative_change: true``
+reports differences to the baseline / control as relative changes (in %) in results.md.
+
 ``vars`` (top level, overridden by a profile's ``vars``) name values that a ``set`` value or
 ``branch_from.step`` uses as ``${name}``, so a profile changes e.g. every branch step at
 once. A profile's ``exclude`` lists variants it does not run.
@@ -49,9 +63,15 @@ import yaml
 
 from ..config import ConfigError, apply_overrides, config_from_dict
 
-STUDY_KEYS = {"name", "description", "base", "baseline", "seeds", "eval_sets", "variants", "profiles", "metrics", "vars"}
+STUDY_KEYS = {"name", "description", "base", "baseline", "seeds", "eval_sets", "variants", "profiles", "metrics", "vars",
+              "datasets", "relative_change"}
 VARIANT_KEYS = {"set", "seeds", "branch_from", "match_wallclock", "label", "description", "control"}
-PROFILE_KEYS = {"set", "seeds", "variants", "description", "vars", "exclude"}
+PROFILE_KEYS = {"set", "seeds", "variants", "description", "vars", "exclude", "datasets"}
+DATASET_KEYS = {"label", "description", "set", "eval_sets"}
+#: ``branch_from.step`` values that name where the parent run ended instead of a step
+BRANCH_AT_END = ("final", "plateau")
+#: the variable a branch's ``set`` uses for its branch step (known when it starts, for ``final``)
+BRANCH_STEP = "${branch_step}"
 _VAR = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 PROFILE_VARIANT_KEYS = {"set", "seeds", "branch_from", "match_wallclock"}
 
@@ -62,8 +82,34 @@ class StudyError(ConfigError):
 
 @dataclass
 class BranchFrom:
+    """Where a branch starts: ``variant``'s run of the same seed after ``step`` steps, or where
+    it ended (``step`` ``'final'`` / ``'plateau'``); ``more_steps``: train that many steps after it."""
+
     variant: str
-    step: int
+    step: int | str
+    more_steps: int | None = None
+
+    @property
+    def fixed(self) -> bool:
+        """The branch step is known before the parent trains."""
+        return isinstance(self.step, int)
+
+
+def resolve_branch(config: dict[str, Any], branch: BranchFrom, step: int) -> dict[str, Any]:
+    """``config`` of a branch starting at ``step``: every ``${branch_step}`` value replaced by
+    ``step``, and ``train.steps`` = ``step + more_steps`` when ``more_steps`` is given."""
+
+    def fill(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: fill(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [fill(v) for v in value]
+        return step if value == BRANCH_STEP else value
+
+    config = fill(copy.deepcopy(config))
+    if branch.more_steps is not None:
+        config.setdefault("train", {})["steps"] = step + branch.more_steps
+    return config
 
 
 @dataclass
@@ -82,6 +128,7 @@ class RunPlan:
     run_dir: Path
     branch_from: BranchFrom | None = None
     match_wallclock: MatchWallclock | None = None
+    dataset: str | None = None  # the study's data set this run trains on (``datasets``), if any
 
     @property
     def key(self) -> str:
@@ -93,6 +140,9 @@ class RunPlan:
 
     @property
     def total_steps(self) -> int | None:
+        """``train.steps``; None for a branch from where its parent ends, until that is known."""
+        if self.branch_from is not None and not self.branch_from.fixed:
+            return None
         return self.config.get("train", {}).get("steps")
 
 
@@ -110,6 +160,18 @@ class StudyPlan:
     runs: list[RunPlan]
     out: Path
     metrics: list[str] = field(default_factory=list)
+    relative_change: bool = False  # results.md: differences to baseline / control in % of theirs
+    datasets: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> {"label", "description"}
+
+    def baseline_of(self, variant: str) -> str:
+        """The variant ``variant`` is compared against: the baseline (of its data set)."""
+        return self.variants.get(variant, {}).get("baseline") or self.baseline
+
+    def eval_sets_of(self, variant: str) -> dict[str, Path | None]:
+        """The eval sets ``variant``'s runs are scored on (name -> folder; None: the run's own
+        eval split): the study's, and its data set's."""
+        names = self.variants.get(variant, {}).get("eval_sets")
+        return dict(self.eval_sets) if names is None else {n: self.eval_sets[n] for n in names}
 
     def run(self, variant: str, seed: int) -> RunPlan | None:
         for plan in self.runs:
@@ -189,13 +251,18 @@ def _branch(value: Any, path: str) -> BranchFrom | None:
     if value is None:
         return None
     value = _mapping(value, path)
-    _unknown(value, {"variant", "step"}, path)
-    variant, step = value.get("variant"), value.get("step")
+    _unknown(value, {"variant", "step", "more_steps"}, path)
+    variant, step, more = value.get("variant"), value.get("step"), value.get("more_steps")
     if not isinstance(variant, str):
         raise StudyError(f"{path}.variant", f"expected the name of another variant, got {variant!r}")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
-        raise StudyError(f"{path}.step", f"expected a step >= 1, got {step!r}")
-    return BranchFrom(variant, step)
+    if step not in BRANCH_AT_END and (not isinstance(step, int) or isinstance(step, bool) or step < 1):
+        raise StudyError(f"{path}.step", f"expected a step >= 1 or one of {list(BRANCH_AT_END)}, got {step!r}")
+    if more is not None and (not isinstance(more, int) or isinstance(more, bool) or more < 1):
+        raise StudyError(f"{path}.more_steps", f"expected a number of steps >= 1 after the branch point, got {more!r}")
+    if more is None and step in BRANCH_AT_END:
+        raise StudyError(f"{path}.more_steps", f"a branch from the parent's {step!r} step needs more_steps "
+                         "(how many steps it trains after the branch point)")
+    return BranchFrom(variant, step, more)
 
 
 def _match(value: Any, path: str) -> MatchWallclock | None:
@@ -281,6 +348,16 @@ def load_study(
     if baseline not in variants_raw:
         raise StudyError("baseline", f"expected one of the variants {sorted(variants_raw)}, got {baseline!r}")
     eval_sets_raw = _mapping(raw.get("eval_sets"), "eval_sets")
+    own_split_sets = [str(n) for n, folder in eval_sets_raw.items() if folder is None]  # the run's own eval split
+    eval_sets_raw = {n: folder for n, folder in eval_sets_raw.items() if folder is not None}
+    datasets_raw = _mapping(raw.get("datasets"), "datasets")
+    for dname, d in datasets_raw.items():
+        if not isinstance(dname, str) or not dname.replace("_", "").replace("-", "").isalnum():
+            raise StudyError(f"datasets.{dname}", "data set names may hold letters, digits, '-' and '_' only (they name directories)")
+        _unknown(_mapping(d, f"datasets.{dname}"), DATASET_KEYS, f"datasets.{dname}")
+    relative_change = raw.get("relative_change", False)
+    if not isinstance(relative_change, bool):
+        raise StudyError("relative_change", f"expected true or false, got {relative_change!r}")
     metrics = raw.get("metrics") or []
     if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
         raise StudyError("metrics", f"expected a list of metric names, got {metrics!r}")
@@ -299,6 +376,10 @@ def load_study(
             if vname not in variants_raw:
                 raise StudyError(f"profiles.{pname}.variants.{vname}", f"unknown variant; expected one of {sorted(variants_raw)}")
             _unknown(_mapping(v, f"profiles.{pname}.variants.{vname}"), PROFILE_VARIANT_KEYS, f"profiles.{pname}.variants.{vname}")
+        for dname, d in _mapping(p.get("datasets"), f"profiles.{pname}.datasets").items():
+            if dname not in datasets_raw:
+                raise StudyError(f"profiles.{pname}.datasets.{dname}", f"unknown data set; expected one of {sorted(datasets_raw)}")
+            _unknown(_mapping(d, f"profiles.{pname}.datasets.{dname}"), {"set"}, f"profiles.{pname}.datasets.{dname}")
     variables = {**_mapping(raw.get("vars"), "vars"), **_mapping(prof.get("vars"), f"profiles.{profile}.vars")}
     profile_set = _set_items(prof.get("set"), f"profiles.{profile}.set", variables)
     exclude = prof.get("exclude") or []
@@ -323,12 +404,15 @@ def load_study(
         v = _mapping(v, vpath)
         _unknown(v, VARIANT_KEYS, vpath)
         pv = _mapping(profile_variants.get(vname), f"profiles.{profile}.variants.{vname}")
+        branch = _branch(_substitute(pv.get("branch_from", v.get("branch_from")), variables, f"{vpath}.branch_from"),
+                         f"{vpath}.branch_from")
+        # a branch's set may use its branch step; from the parent's end it is filled in when the branch starts
+        branch_vars = {**variables, "branch_step": branch.step if branch.fixed else BRANCH_STEP} if branch else variables
         entry = {
-            "set": _set_items(v.get("set"), f"{vpath}.set", variables),
-            "profile_set": _set_items(pv.get("set"), f"profiles.{profile}.variants.{vname}.set", variables),
+            "set": _set_items(v.get("set"), f"{vpath}.set", branch_vars),
+            "profile_set": _set_items(pv.get("set"), f"profiles.{profile}.variants.{vname}.set", branch_vars),
             "seeds": _seeds(pv.get("seeds", v.get("seeds", default_seeds)), f"{vpath}.seeds"),
-            "branch_from": _branch(_substitute(pv.get("branch_from", v.get("branch_from")), variables, f"{vpath}.branch_from"),
-                                   f"{vpath}.branch_from"),
+            "branch_from": branch,
             "control": v.get("control"),
             "match": _match(pv.get("match_wallclock", v.get("match_wallclock")), f"{vpath}.match_wallclock"),
             "label": str(v.get("label", vname)),
@@ -361,21 +445,51 @@ def load_study(
         if vname not in order:
             order.append(vname)
     runs: list[RunPlan] = []
-    for vname in order:
-        entry = resolved[vname]
-        for seed in entry["seeds"]:
-            items = [*profile_set, *entry["set"], *entry["profile_set"], *(overrides or []), f"train.seed={seed}"]
-            try:
-                data = apply_overrides(copy.deepcopy(base), items)
-            except ConfigError as error:
-                raise StudyError(f"variants.{vname}.set", str(error)) from None
-            data = _absolute_paths(data)
-            runs.append(RunPlan(vname, seed, data, out / "runs" / vname / f"seed{seed}", entry["branch_from"], entry["match"]))
+    # without ``datasets`` one pass with the names as they are; with, one pass per data set
+    # and every name (run, parent, control, baseline) prefixed with the data set's
+    profile_datasets = _mapping(prof.get("datasets"), f"profiles.{profile}.datasets")
+    passes = [(None, [])] if not datasets_raw else [
+        (dname, [*_set_items(_mapping(d, f"datasets.{dname}").get("set"), f"datasets.{dname}.set", variables),
+                 *_set_items(_mapping(profile_datasets.get(dname), f"profiles.{profile}.datasets.{dname}").get("set"),
+                             f"profiles.{profile}.datasets.{dname}.set", variables)])
+        for dname, d in datasets_raw.items()]
+    expanded: dict[str, dict[str, Any]] = {}
+    for dname, dataset_set in passes:
+        named = (lambda v: v) if dname is None else (lambda v, _d=dname: f"{_d}/{v}")
+        for vname in order:
+            entry = resolved[vname]
+            branch, match = entry["branch_from"], entry["match"]
+            if branch is not None:
+                branch = BranchFrom(named(branch.variant), branch.step, branch.more_steps)
+            if match is not None:
+                match = MatchWallclock(named(match.variant), match.probe_steps)
+            expanded[named(vname)] = {**entry, "control": named(entry["control"]) if entry["control"] else None,
+                                      "baseline": named(baseline), "dataset": dname}
+            for seed in entry["seeds"]:
+                items = [*profile_set, *dataset_set, *entry["set"], *entry["profile_set"], *(overrides or []),
+                         f"train.seed={seed}"]
+                try:
+                    data = apply_overrides(copy.deepcopy(base), items)
+                except ConfigError as error:
+                    raise StudyError(f"variants.{vname}.set", str(error)) from None
+                data = _absolute_paths(data)
+                if branch is not None and branch.fixed:
+                    data = resolve_branch(data, branch, branch.step)
+                runs.append(RunPlan(named(vname), seed, data, out / "runs" / named(vname) / f"seed{seed}", branch, match,
+                                    dname))
+    if datasets_raw:
+        for dname, d in datasets_raw.items():
+            label = str(_mapping(d, f"datasets.{dname}").get("label", dname))
+            for vname in order:
+                expanded[f"{dname}/{vname}"]["label"] = f"{resolved[vname]['label']} ({label})"
     plan = StudyPlan(
         name=name, path=path.resolve(), description=str(raw.get("description", "")), baseline=baseline, profile=profile,
-        eval_sets={}, variants={v: {"label": resolved[v]["label"], "description": resolved[v]["description"],
-                                    "seeds": resolved[v]["seeds"], "control": resolved[v]["control"]} for v in order},
-        runs=runs, out=out, metrics=list(metrics),
+        eval_sets={}, variants={v: {"label": e["label"], "description": e["description"], "seeds": e["seeds"],
+                                    "control": e["control"], "baseline": e["baseline"], "dataset": e["dataset"]}
+                                for v, e in expanded.items()},
+        runs=runs, out=out, metrics=list(metrics), relative_change=relative_change,
+        datasets={d: {"label": str(_mapping(v, f"datasets.{d}").get("label", d)),
+                      "description": str(_mapping(v, f"datasets.{d}").get("description", ""))} for d, v in datasets_raw.items()},
     )
     # -- eval sets (resolved against the baseline's data.root)
     base_run = runs[0].config
@@ -386,6 +500,26 @@ def load_study(
         if check and not resolved_folder.is_dir():
             raise StudyError(f"eval_sets.{set_name}", f"folder not found: {resolved_folder} (relative paths are relative to data.root)")
         plan.eval_sets[str(set_name)] = resolved_folder.resolve() if resolved_folder.exists() else resolved_folder
+    for set_name in own_split_sets:  # scored on each run's own eval split
+        plan.eval_sets[set_name] = None
+    common = list(plan.eval_sets)
+    for dname, d in datasets_raw.items():
+        first = next(r for r in runs if r.dataset == dname).config
+        names = []
+        for set_name, folder in _mapping(_mapping(d, f"datasets.{dname}").get("eval_sets"), f"datasets.{dname}.eval_sets").items():
+            where = f"datasets.{dname}.eval_sets.{set_name}"
+            if str(set_name) in plan.eval_sets:
+                raise StudyError(where, "eval set names must be unique across the study and its data sets")
+            if folder is not None and not isinstance(folder, (str, Path)):
+                raise StudyError(where, f"expected a folder path or null (the run's own eval split), got {folder!r}")
+            resolved_folder = eval_folder(first, folder) if folder is not None else None
+            if check and resolved_folder is not None and not resolved_folder.exists():
+                raise StudyError(where, f"not found: {resolved_folder} (relative paths are relative to the data set's data.root)")
+            plan.eval_sets[str(set_name)] = resolved_folder
+            names.append(str(set_name))
+        for variant, info in plan.variants.items():
+            if info["dataset"] == dname:
+                info["eval_sets"] = [*common, *names]
     if check:
         check_plan(plan)
     return plan
@@ -397,16 +531,23 @@ def check_plan(plan: StudyPlan) -> None:
     from ..train.experiment import check_config
 
     for run in plan.runs:
-        where = f"variants.{run.variant}"
+        where = f"variants.{run.variant.split('/', 1)[1] if run.dataset else run.variant}"  # the study file's key
+        branch = run.branch_from
+        parent = plan.run(branch.variant, run.seed) if branch is not None else None
+        checked = run.config
+        if branch is not None and not branch.fixed and parent is not None:
+            # check the config the branch will get were the parent to end at its train.steps
+            checked = resolve_branch(run.config, branch, int(parent.config.get("train", {}).get("steps") or 1))
         try:
-            config = config_from_dict(run.config)
+            config = config_from_dict(checked)
             check_config(config, training=True)
         except ConfigError as error:
             raise StudyError(f"{where} (seed {run.seed}): {error.path}", str(error).split(": ", 1)[-1]) from None
-        if run.branch_from is not None:
-            parent = plan.run(run.branch_from.variant, run.seed)
-            if parent is None:
-                raise StudyError(f"{where}.seeds", f"seed {run.seed} has no run of {run.branch_from.variant!r} to branch from")
+        if branch is not None and parent is None:
+            raise StudyError(f"{where}.seeds", f"seed {run.seed} has no run of {branch.variant!r} to branch from")
+        if branch is not None and not branch.fixed:
+            _check_branch_from_end(run, parent, where)
+        elif run.branch_from is not None:
             steps = parent.total_steps
             if steps is not None and run.branch_from.step >= steps:
                 raise StudyError(f"{where}.branch_from.step", f"expected a step below {run.branch_from.variant!r}'s train.steps ({steps}), got {run.branch_from.step}")
@@ -415,3 +556,19 @@ def check_plan(plan: StudyPlan) -> None:
                 raise StudyError(f"{where}.branch_from.step", f"the branch starts at step {run.branch_from.step}, after convert.step {conv['step']}")
         if run.match_wallclock is not None and plan.run(run.match_wallclock.variant, run.seed) is None:
             raise StudyError(f"{where}.match_wallclock.variant", f"seed {run.seed} has no run of {run.match_wallclock.variant!r} to match")
+
+
+def _check_branch_from_end(run: RunPlan, parent: RunPlan, where: str) -> None:
+    """A branch from where its parent ends (``final`` / ``plateau``): the parent has the rule a
+    ``plateau`` branch needs, the branch has none (the parent's plateau is where it starts: it
+    would stop at once), and a conversion happens at the branch step."""
+    branch = run.branch_from
+    if branch.step == "plateau" and not (parent.config.get("train") or {}).get("stop_on_plateau"):
+        raise StudyError(f"{where}.branch_from.step", f"'plateau' needs {branch.variant!r} to set train.stop_on_plateau")
+    if (run.config.get("train") or {}).get("stop_on_plateau"):
+        raise StudyError(f"{where}.set", "a branch from its parent's end must not set train.stop_on_plateau "
+                         "(it starts at the parent's plateau and would stop at once); it trains branch_from.more_steps")
+    conv = run.config.get("convert") or {}
+    if conv and conv.get("step") != BRANCH_STEP:
+        raise StudyError(f"{where}.set", f"convert.step must be {BRANCH_STEP!r} in a branch from its parent's "
+                         f"{branch.step!r} step (the step is known only when the parent ends), got {conv.get('step')!r}")
