@@ -159,12 +159,14 @@ def write_study_json(plan: StudyPlan, path: Path | None = None) -> dict[str, Any
 
 # ---------------------------------------------------------------------------------- format
 def _decimals(metric: str) -> int:
-    """dB to 2 decimals; counts (dead codes) to 0, perplexities to 1; ratios (SSIM, accuracy),
-    errors and losses to 4."""
+    """dB to 2 decimals; counts (dead codes) to 0, perplexities to 1; squared errors and the
+    VQ-VAE's losses (about 1e-3 once trained) to 6; ratios (SSIM, accuracy), L1 and losses to 4."""
     if metric == "dead_codes":
         return 0
     if metric.endswith("perplexity"):
         return 1
+    if metric in ("mse", "commitment", "mse_plus_commitment"):
+        return 6
     return 2 if metric.startswith("psnr") else 4
 
 
