@@ -115,6 +115,20 @@ def test_shipped_configs_validate(path):
     check_config(config, training=False)
 
 
+def test_a_conversion_that_does_not_fit_a_matched_conv_fails_with_the_config_check():
+    """convert's layer options are tried on each matched conv of the model (on the meta device):
+    a lambda selector needs its 4 heads to divide the conv's input channels (vqvae's encoder.conv2
+    reads hidden / 2 = 15 of them here), which fails now, naming the conv, not at convert.step."""
+    raw = {"model": {"name": "vqvae", "options": {"hidden_channels": 30, "upsample": "nearest"}},
+           "data": {"name": "skimage_photos"}, "train": {"steps": 2}, "losses": [{"name": "mse"}],
+           "convert": {"step": 1, "selector": "lambda_then_conv1x1", "include": ["encoder.conv3", "encoder.conv2"]}}
+    with pytest.raises(ConfigError, match=r"^convert: converting 'encoder.conv2' of model 'vqvae' to switched fails: "
+                                          r"channels \(15\) must be divisible by heads \(4\)"):
+        check_config(config_from_dict(raw))
+    raw["model"]["options"]["hidden_channels"] = 32
+    assert check_config(config_from_dict(raw)) == "reconstruction"
+
+
 SHARED_SR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sr"
 
 

@@ -6,6 +6,7 @@ model's cost (params, FLOPs per pixel). What the trainer, ``evaluate`` and the C
 from __future__ import annotations
 
 import copy
+import fnmatch
 import inspect
 import os
 import warnings
@@ -115,11 +116,32 @@ def _check_model_values(config: Config) -> None:
     options = config.model.options
     try:
         with torch.device("meta"):
-            build(config.model.name, **copy.deepcopy(options))
+            model = build(config.model.name, **copy.deepcopy(options))
     except (ValueError, TypeError) as error:
         raise ConfigError(_option_path(options, str(error)), str(error)) from None
     except (RuntimeError, NotImplementedError):  # not buildable on the meta device: built later for real
-        pass
+        return
+    if config.convert is not None:
+        _check_conversion_fits(model, config.model.name, config.convert)
+
+
+def _check_conversion_fits(model: nn.Module, model_name: str, cfg: ConvertConfig) -> None:
+    """Convert the meta-device ``model`` as ``convert.step`` will, one matched conv at a time, so
+    layer options that do not fit one of them (a lambda selector's heads must divide the conv's
+    input channels) fail with the config check, naming the conv, not hours into training."""
+    from ..convert import convert
+
+    names = [name for name, m in model.named_modules()
+             if type(m) is nn.Conv2d and name and any(name == p or fnmatch.fnmatchcase(name, p) for p in cfg.include)]
+    for name in names:
+        try:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # convs convert skips are reported when it runs
+                convert(model, to=cfg.to, include=[name], **cfg.layer_kwargs())
+        except (ValueError, TypeError) as error:
+            raise ConfigError("convert", f"converting {name!r} of model {model_name!r} to {cfg.to} fails: {error}") from None
+        except (RuntimeError, NotImplementedError):  # not convertible on the meta device: checked when it runs
+            return
 
 
 def _option_path(options: dict[str, Any], message: str) -> str:
