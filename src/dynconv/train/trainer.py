@@ -74,20 +74,24 @@ class StepOutcome(NamedTuple):
     terms: dict[str, float]  # each loss term, mean over micro-batches (this rank)
     lr: float
     stop_requested: bool  # some rank got a stop signal (the step's collective)
+    seconds: float = 0.0  # the step's wall-clock: data, conversion, forward, backward, update (no eval, saving, logging)
 
 
 class _LossWindow:
-    """Mean loss, loss terms and throughput between two ``train`` log records."""
+    """Mean loss, loss terms, throughput and the mean seconds of a training step alone
+    (``step_seconds``: without evaluation, saving or logging) between two ``train`` log records."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         self.loss, self.terms, self.steps, self.start = 0.0, {}, 0, time.perf_counter()
+        self.step_seconds = 0.0
 
     def add(self, step: StepOutcome) -> None:
         self.loss += step.loss
         self.steps += 1
+        self.step_seconds += step.seconds
         for k, v in step.terms.items():
             self.terms[k] = self.terms.get(k, 0.0) + v
 
@@ -95,6 +99,7 @@ class _LossWindow:
         elapsed = time.perf_counter() - self.start
         return {"loss": self.loss / self.steps, "lr": lr,
                 "samples_per_s": self.steps * global_batch / max(elapsed, 1e-9), "epoch": epoch,
+                "step_seconds": self.step_seconds / self.steps,
                 **{f"loss/{k}": v / self.steps for k, v in self.terms.items()}}
 
 
@@ -274,9 +279,10 @@ class Trainer:
         try:
             with self._stop.watching(self.logger.write):
                 while self.step < stop_at and not self._stopped_on_plateau():
+                    started = time.perf_counter()
                     batch = next(stream)
                     self._convert_if_due(batch)
-                    outcome = self._train_step(batch, stream)
+                    outcome = self._train_step(batch, stream)._replace(seconds=time.perf_counter() - started)
                     if self._after_step(outcome, result, stop_at):
                         break
         except KeyboardInterrupt:
@@ -379,8 +385,9 @@ class Trainer:
         if self.is_main:
             record_run_start(self.run_dir, "resume" if self.resumed_from is not None else "start", self.step)
         if self.resumed_from is None:
-            log.event("start", self.step, total_steps=self.total_steps, world_size=self.world, device=str(self.device),
-                      precision=cfg.train.precision, config=cfg.to_dict(), **extra, **cost)
+            log.event("start", self.step, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
+                      world_size=self.world, device=str(self.device), precision=cfg.train.precision,
+                      config=cfg.to_dict(), **extra, **cost)
         else:
             for path, reason in getattr(self, "skipped_checkpoints", []):
                 log.event("skipped_checkpoint", self.step, checkpoint=str(path), reason=reason)
@@ -388,7 +395,8 @@ class Trainer:
             # drops the earlier records with step > discarded_after
             superseded = count_records_after(self.run_dir / "log.jsonl", self.step) if self.is_main else 0
             log.event("resume", self.step, checkpoint=str(self.resumed_from), world_size=self.world,
-                      discarded_after=self.step, superseded=superseded, **extra, **cost)
+                      steps_per_epoch=self.steps_per_epoch, device=str(self.device), discarded_after=self.step,
+                      superseded=superseded, **extra, **cost)
         if getattr(self, "_resume_scaler", None) and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(self._resume_scaler)
 
@@ -716,6 +724,8 @@ class Trainer:
         cfg, log = self.config, self.logger
         record = {**self._window.record(lr, cfg.train.batch_size * cfg.train.accumulate * self.world, self.epoch),
                   **self.annealed}
+        if self.device.type == "cuda":  # the process's peak of allocated tensors so far (training and evaluation)
+            record["peak_memory_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         log.event("train", self.step, **record)
         log.scalars(self.step, {"train/loss": record["loss"], "train/lr": lr,
                                 "train/samples_per_s": record["samples_per_s"],
