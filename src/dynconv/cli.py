@@ -255,7 +255,7 @@ def _parse_eval_sets(items: list[str]) -> list[tuple[str, Path]]:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .train.evaluation import evaluate_eval_set, evaluate_run
+    from .train.evaluation import eval_set_split, evaluate_eval_set, evaluate_run
     from .train.experiment import format_cost
 
     try:
@@ -264,8 +264,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"dynconv eval: {error}", file=sys.stderr)
         return EXIT_USAGE
     for name, folder in eval_sets:
-        if not folder.is_dir():
-            print(f"dynconv eval: --eval-set {name}={folder}: not a folder", file=sys.stderr)
+        try:
+            eval_set_split(folder)
+        except FileNotFoundError as error:
+            print(f"dynconv eval: --eval-set {name}={folder}: {error}", file=sys.stderr)
             return EXIT_USAGE
     if eval_sets and not Path(args.source).is_dir():
         print(f"dynconv eval: --eval-set needs a run or checkpoint directory, got {args.source}", file=sys.stderr)

@@ -47,8 +47,8 @@ def collect(plan: StudyPlan) -> list[dict[str, Any]]:
         if status.get("config_hash") not in (None, run.config_hash):
             record["status"] = "stale"  # made by another version of the study file
         elif record["status"] == "done":
-            for key in ("steps", "train_seconds", "params", "flops_per_pixel", "flops_per", "eval", "checkpoint",
-                        "branch_from", "wallclock_match"):
+            for key in ("steps", "train_seconds", "params", "flops_per_pixel", "flops_per", "input_size", "eval", "checkpoint",
+                        "branch_from", "wallclock_match", "speed", "forward"):
                 if key in status:
                     record[key] = status[key]
             if "stopped" in status:  # ended early by its train.stop_on_plateau rule
@@ -71,6 +71,30 @@ def summarise(values: list[float]) -> dict[str, Any]:
     mean = sum(values) / n if n else math.nan
     std = statistics.stdev(values) if n > 1 else math.nan
     return {"n": n, "mean": mean, "std": std}
+
+
+def summarise_present(values: list[Any]) -> dict[str, Any] | None:
+    """:func:`summarise` of the values that are numbers (a measurement some runs lack); None if none is."""
+    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    return summarise(numbers) if numbers else None
+
+
+def _speed_entry(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A variant's speed and size over its runs: seconds per epoch, training peak memory,
+    forward ms (with what it was measured on) and FLOPs per image (classifiers)."""
+    speed = [r.get("speed") or {} for r in runs]
+    forward = [r.get("forward") or {} for r in runs]
+    measured = next((f for f in forward if "ms" in f), None)
+    first = runs[0]
+    size = first.get("input_size")
+    per_image = (first["flops_per_pixel"] * size[1] * size[2]
+                 if first.get("flops_per") == "input pixel" and first.get("flops_per_pixel") and size else None)
+    return {"seconds_per_epoch": summarise_present([s.get("seconds_per_epoch") for s in speed]),
+            "peak_memory_mib": summarise_present([s.get("peak_memory_mib") for s in speed]),
+            "forward_ms": summarise_present([f.get("ms") for f in forward]),
+            "forward": {k: measured.get(k) for k in ("batch_size", "device_name", "precision", "channels_last", "repeats")}
+            if measured else None,
+            "flops_per_image": per_image}
 
 
 def paired_difference(values: dict[int, float], baseline: dict[int, float]) -> dict[str, Any]:
@@ -118,7 +142,7 @@ def summary(plan: StudyPlan, records: list[dict[str, Any]]) -> dict[str, Any]:
             "params": runs[0].get("params"), "flops_per_pixel": runs[0].get("flops_per_pixel"),
             "flops_per": runs[0].get("flops_per"),
             "train_seconds": summarise([r.get("train_seconds", math.nan) for r in runs]),
-            "steps": runs[0].get("steps"), "sets": {},
+            "steps": runs[0].get("steps"), "sets": {}, **_speed_entry(runs),
         }
         for set_name in plan.eval_sets_of(variant):
             metrics: dict[str, Any] = {}
@@ -210,16 +234,43 @@ def fmt_seconds(seconds: float) -> str:
     return f"{seconds / 60:,.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
+def _speed_columns(plan: StudyPlan, summary: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Per variant the size and speed columns that some variant has: FLOPs/image, s/epoch with
+    its ratio to its baseline's, forward ms at the measured batch, training peak memory."""
+    def has(key: str) -> bool:
+        return any(entry.get(key) for entry in summary.values())
+
+    batch = next((e["forward"]["batch_size"] for e in summary.values() if e.get("forward")), None)
+    columns: dict[str, dict[str, str]] = {}
+    for variant, entry in summary.items():
+        base_epoch = (summary.get(plan.baseline_of(variant), {}).get("seconds_per_epoch") or {}).get("mean")
+        row = columns[variant] = {}
+        if has("flops_per_image"):
+            row["FLOPs/image"] = f"{entry['flops_per_image'] / 1e6:,.1f}M" if entry.get("flops_per_image") else "–"
+        if has("seconds_per_epoch"):
+            epoch = entry.get("seconds_per_epoch")
+            ratio = f" ({epoch['mean'] / base_epoch:.2f}x)" if epoch and base_epoch else ""
+            row["s/epoch"] = f"{fmt_number(epoch['mean'], 1)}{ratio}" if epoch else "–"
+        if has("forward_ms"):
+            row[f"fwd ms (b{batch})"] = fmt_mean_std(entry["forward_ms"], 2) if entry.get("forward_ms") else "–"
+        if has("peak_memory_mib"):
+            row["peak MiB"] = fmt_number(entry["peak_memory_mib"]["mean"], 0) if entry.get("peak_memory_mib") else "–"
+    return columns
+
+
 def results_table(plan: StudyPlan, data: dict[str, Any], set_name: str | None = None) -> list[dict[str, str]]:
-    """One row per variant: params, FLOPs/px, steps, train time, per set (or only
-    ``set_name``) and metric the mean ± std and the paired difference to the baseline."""
+    """One row per variant: params, FLOPs/px, steps, train time, the speed columns some variant
+    has (FLOPs/image, s/epoch and its ratio to the baseline, forward ms, peak memory), per set
+    (or only ``set_name``) and metric the mean ± std and the paired difference to the baseline."""
     rows = []
+    speed = _speed_columns(plan, data["summary"])
     for variant, entry in data["summary"].items():
         if set_name is not None and set_name not in entry["sets"]:
             continue  # another data set's variant
         row = {"variant": plan.variants.get(variant, {}).get("label", variant), "n": str(entry["n"]),
                "params": fmt_number(entry["params"]), "FLOPs/px": fmt_number(entry["flops_per_pixel"], 0),
-               "steps": fmt_number(entry.get("steps")), "train time": fmt_seconds(entry["train_seconds"]["mean"])}
+               "steps": fmt_number(entry.get("steps")), "train time": fmt_seconds(entry["train_seconds"]["mean"]),
+               **speed[variant]}
         for name, metrics in entry["sets"].items():
             if set_name is not None and name != set_name:
                 continue
@@ -264,6 +315,7 @@ def write_results_md(plan: StudyPlan, data: dict[str, Any], path: Path | None = 
         "Δ = mean paired difference to the baseline over the seeds both have, with its 95% t interval.",
         f"Eval sets: {', '.join(f'{k} ({v or OWN_EVAL_SPLIT})' for k, v in data['eval_sets'].items())}.",
         f"Device: {env.get('device')}; torch {env.get('torch')}, dynconv {env.get('dynconv')}, commit {env.get('commit')}.",
+        *_speed_notes(data["summary"], plan.baseline),
         "",
     ]
     for set_name in plan.eval_sets:
@@ -280,6 +332,21 @@ def write_results_md(plan: StudyPlan, data: dict[str, Any], path: Path | None = 
     path = path or plan.out / "results.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _speed_notes(summary: dict[str, Any], baseline: str) -> list[str]:
+    """What the speed columns mean and what they were measured on (only for columns shown)."""
+    notes = []
+    if any(e.get("seconds_per_epoch") for e in summary.values()):
+        notes.append(f"s/epoch: the median training step (no evaluation or saving) x steps per epoch, each run on its "
+                     f"own device; (Nx): ratio to `{baseline}`; a branch is timed after its branch point.")
+    forward = next((e["forward"] for e in summary.values() if e.get("forward")), None)
+    if forward:
+        notes.append(f"fwd ms: median of {forward['repeats']} inference forwards at batch {forward['batch_size']} on "
+                     f"{forward['device_name']} ({forward['precision']}{', channels_last' if forward['channels_last'] else ''}).")
+    if any(e.get("peak_memory_mib") for e in summary.values()):
+        notes.append("peak MiB: the training process's peak of allocated CUDA tensors.")
+    return notes
 
 
 def learning_curves(run_dir: Path, parent_dir: Path | None = None, branch_step: int | None = None) -> dict[str, list]:

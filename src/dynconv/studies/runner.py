@@ -330,12 +330,16 @@ class StudyRunner:
             seconds += train_seconds(read_log(parent.run_dir), up_to_step=branch_step)
         self._learn_speed(run)
         first = next(iter(evals.values()), {})
+        from ..train.speed import training_speed
+
         status = {"variant": run.variant, "seed": run.seed, "status": "done", "config_hash": run.config_hash,
                   "steps": steps, "checkpoint": str(checkpoint), "train_seconds": seconds,
                   "params": first.get("params"), "flops_per_pixel": first.get("flops_per_pixel"),
-                  "flops_per": first.get("flops_per"),
+                  "flops_per": first.get("flops_per"), "input_size": first.get("input_size"),
                   "eval": {name: result["metrics"] for name, result in evals.items()},
-                  "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
+                  "speed": training_speed(records), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
+        if self.plan.latency_batch_size is not None:
+            status["forward"] = self._forward_latency(run, checkpoint, head)
         if stopped:
             status["stopped"] = stopped
         if run.branch_from is not None:
@@ -479,6 +483,18 @@ class StudyRunner:
             else:
                 results[name] = evaluate_eval_set(run.run_dir, name, folder, checkpoint=checkpoint)
         return results
+
+    def _forward_latency(self, run: RunPlan, checkpoint: Path, head: str) -> dict[str, Any]:
+        """The final checkpoint's inference forward at the study's ``latency_batch_size``; a
+        failed measurement is recorded (``{"error": ...}``) and does not fail the trained run."""
+        from ..train.speed import forward_latency
+
+        try:
+            return forward_latency(checkpoint, batch_size=self.plan.latency_batch_size)
+        except Exception as error:  # noqa: BLE001 - the run itself finished
+            message = f"{type(error).__name__}: {error}".splitlines()[0]
+            self.echo(f"{head}: forward latency not measured ({message})")
+            return {"error": message}
 
     # -- signals -------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -46,7 +46,9 @@ reports differences to the baseline / control as relative changes (in %) in resu
 
 ``vars`` (top level, overridden by a profile's ``vars``) name values that a ``set`` value or
 ``branch_from.step`` uses as ``${name}``, so a profile changes e.g. every branch step at
-once. A profile's ``exclude`` lists variants it does not run.
+once. A profile's ``exclude`` lists variants it does not run. ``latency_batch_size`` (top
+level): after each run, time an inference forward of its final checkpoint at this batch size
+(:func:`dynconv.train.speed.forward_latency`); null or absent: not measured.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ import yaml
 from ..config import ConfigError, apply_overrides, config_from_dict
 
 STUDY_KEYS = {"name", "description", "base", "baseline", "seeds", "eval_sets", "variants", "profiles", "metrics", "vars",
-              "datasets", "relative_change"}
+              "datasets", "relative_change", "latency_batch_size"}
 VARIANT_KEYS = {"set", "seeds", "branch_from", "match_wallclock", "label", "description", "control"}
 PROFILE_KEYS = {"set", "seeds", "variants", "description", "vars", "exclude", "datasets"}
 DATASET_KEYS = {"label", "description", "set", "eval_sets"}
@@ -162,6 +164,7 @@ class StudyPlan:
     metrics: list[str] = field(default_factory=list)
     relative_change: bool = False  # results.md: differences to baseline / control in % of theirs
     datasets: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> {"label", "description"}
+    latency_batch_size: int | None = None  # forward latency measured after each run at this batch (None: not)
 
     def baseline_of(self, variant: str) -> str:
         """The variant ``variant`` is compared against: the baseline (of its data set)."""
@@ -361,6 +364,10 @@ def load_study(
     metrics = raw.get("metrics") or []
     if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
         raise StudyError("metrics", f"expected a list of metric names, got {metrics!r}")
+    latency_batch_size = raw.get("latency_batch_size")
+    if latency_batch_size is not None and (isinstance(latency_batch_size, bool) or not isinstance(latency_batch_size, int)
+                                           or latency_batch_size < 1):
+        raise StudyError("latency_batch_size", f"expected a batch size >= 1 (null: not measured), got {latency_batch_size!r}")
     # -- profile
     profiles = _mapping(raw.get("profiles"), "profiles")
     prof: dict[str, Any] = {}
@@ -490,6 +497,7 @@ def load_study(
         runs=runs, out=out, metrics=list(metrics), relative_change=relative_change,
         datasets={d: {"label": str(_mapping(v, f"datasets.{d}").get("label", d)),
                       "description": str(_mapping(v, f"datasets.{d}").get("description", ""))} for d, v in datasets_raw.items()},
+        latency_batch_size=latency_batch_size,
     )
     # -- eval sets (resolved against the baseline's data.root)
     base_run = runs[0].config
@@ -497,8 +505,9 @@ def load_study(
         if not isinstance(folder, (str, Path)):
             raise StudyError(f"eval_sets.{set_name}", f"expected a folder path, got {folder!r}")
         resolved_folder = eval_folder(base_run, folder)
-        if check and not resolved_folder.is_dir():
-            raise StudyError(f"eval_sets.{set_name}", f"folder not found: {resolved_folder} (relative paths are relative to data.root)")
+        if check and not _is_eval_set(resolved_folder):
+            raise StudyError(f"eval_sets.{set_name}", f"folder (or .tar/.tar.gz of one) not found: {resolved_folder} "
+                             "(relative paths are relative to data.root)")
         plan.eval_sets[str(set_name)] = resolved_folder.resolve() if resolved_folder.exists() else resolved_folder
     for set_name in own_split_sets:  # scored on each run's own eval split
         plan.eval_sets[set_name] = None
@@ -523,6 +532,16 @@ def load_study(
     if check:
         check_plan(plan)
     return plan
+
+
+def _is_eval_set(folder: Path) -> bool:
+    from ..train.evaluation import eval_set_split
+
+    try:
+        eval_set_split(folder)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def check_plan(plan: StudyPlan) -> None:

@@ -55,22 +55,42 @@ def evaluate_run(config_or_run_dir: str | Path | Config, checkpoint: str | Path 
     return result
 
 
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+
+
+def eval_set_split(folder: str | Path) -> tuple[Path, str]:
+    """``(root, split)`` an eval set is read as: a folder is its parent and its name; an
+    archive of one (``cifar10-jpeg/test.tar.gz``) is its folder and the name less the suffix,
+    which image-folder datasets read from the archive. Raises ``FileNotFoundError`` naming the
+    path when it is neither."""
+    folder = Path(folder).expanduser().resolve()
+    if folder.is_dir():
+        return folder.parent, folder.name
+    suffix = next((s for s in ARCHIVE_SUFFIXES if folder.name.lower().endswith(s)), None)
+    if folder.is_file() and suffix is not None:
+        return folder.parent, folder.name[: -len(suffix)]
+    raise FileNotFoundError(f"{folder} is neither a folder nor a {'/'.join(ARCHIVE_SUFFIXES)} archive of one")
+
+
 def evaluate_eval_set(run_dir: str | Path, name: str, folder: str | Path, checkpoint: str | Path | None = None, *,
                       overrides: list[str] | None = None, max_batches: int | None = None,
                       write: bool = True) -> dict[str, Any]:
     """Score a run on any folder of images as eval set ``name`` (SR: a folder of HR images of
-    any size, grayscale or RGBA files converted to RGB), without editing its config: the
-    run's config with the eval split pointed at ``folder``. Writes ``RUN/eval/<name>.json``,
-    one file per set, so evaluating one set never overwrites another's results."""
+    any size, grayscale or RGBA files converted to RGB; classification: ``<class>/<image>``
+    folders, or a .tar/.tar.gz of the folder), without editing its config: the run's config
+    with the eval split pointed at ``folder``. Writes ``RUN/eval/<name>.json``, one file per
+    set, so evaluating one set never overwrites another's results."""
     run_dir, folder = Path(run_dir), Path(folder).expanduser().resolve()
     if not name or any(c in name for c in "/\\") or name.startswith("."):
         raise ValueError(f"eval set name must be a plain file name such as Set5, got {name!r}")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"eval set {name!r}: folder not found: {folder}")
+    try:
+        root, split = eval_set_split(folder)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"eval set {name!r}: {error}") from None
     # the folder's parent as the split's root and its name as the split: sr_folder reads
-    # root/split, image_folder root/split/<class>
-    overrides = [*(overrides or []), f"data.eval_options.root={json.dumps(str(folder.parent))}",
-                 f"data.eval_split={json.dumps(folder.name)}"]
+    # root/split, image_folder root/split/<class> (or root/split.tar.gz)
+    overrides = [*(overrides or []), f"data.eval_options.root={json.dumps(str(root))}",
+                 f"data.eval_split={json.dumps(split)}"]
     if load_config(run_dir).data.name == "skimage_sr":  # trained on the bundled photos: read the folder the same way
         overrides.append("data.name=sr_folder")
     result = evaluate_run(run_dir, checkpoint, overrides=overrides, max_batches=max_batches, write=False)
