@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .runner import STATUS_FILE, read_json, read_log, write_json
 from .spec import StudyPlan
@@ -209,23 +209,23 @@ def fmt_mean_std(stats: dict[str, Any], decimals: int) -> str:
     return mean
 
 
-def fmt_difference(diff: dict[str, Any] | None, decimals: int) -> str:
+def _fmt_paired(diff: dict[str, Any] | None, fmt: Callable[[float], str]) -> str:
+    """A paired difference as ``mean [low, high] (n=k)``, each number written by ``fmt``."""
     if not diff or diff["n"] == 0:
         return "–"
-    text = f"{diff['mean']:+.{decimals}f}"
+    text = fmt(diff["mean"])
     if diff["n"] > 1:
-        text += f" [{diff['low']:+.{decimals}f}, {diff['high']:+.{decimals}f}]"
+        text += f" [{fmt(diff['low'])}, {fmt(diff['high'])}]"
     return text + f" (n={diff['n']})"
+
+
+def fmt_difference(diff: dict[str, Any] | None, decimals: int) -> str:
+    return _fmt_paired(diff, lambda value: f"{value:+.{decimals}f}")
 
 
 def fmt_relative(diff: dict[str, Any] | None) -> str:
     """A paired relative change as ``-12.3% [-15.1%, -9.5%] (n=3)``."""
-    if not diff or diff["n"] == 0:
-        return "–"
-    text = f"{diff['mean']:+.1%}"
-    if diff["n"] > 1:
-        text += f" [{diff['low']:+.1%}, {diff['high']:+.1%}]"
-    return text + f" (n={diff['n']})"
+    return _fmt_paired(diff, lambda value: f"{value:+.1%}")
 
 
 def fmt_seconds(seconds: float) -> str:
