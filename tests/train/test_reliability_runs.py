@@ -292,7 +292,7 @@ def test_too_small_eval_image_fails_before_the_first_step(tmp_path, capsys):
     ("model.options.layer.breadth=0", "model.options.layer.breadth", "breadth must be >= 1, got 0"),
     ("model.options.layer.selektor=lambda", "model.options.layer.selektor", "unknown switched layer option(s) ['selektor']"),
     ("model.options.layer.selector=lamda", "model.options.layer.selector", "got 'lamda'"),
-    ("convert={step: 2, selector: lamda}", "convert.selector", "selector must be one of ('conv1x1', 'lambda')"),
+    ("convert={step: 2, selector: lamda}", "convert.selector", "selector must be one of ('conv1x1', 'lambda', 'lambda_then_conv1x1')"),
     ("convert={step: 2, options: {rooting: soft}}", "convert.options.rooting", "unknown switched layer option 'rooting'"),
     ("optim.betas=[0.9", "optim.betas", "malformed YAML"),
     ("train.steps=2.5", "train.steps", "expected an integer, got float 2.5"),
@@ -332,7 +332,7 @@ def switched_run(tmp_path_factory, sr_root) -> Path:
 
 @pytest.mark.parametrize("flags, expected", [
     (["--option", "rooting=soft"], ["--option rooting", "'rooting'", "accepted: ['breadth', 'selector'"]),
-    (["--selector", "lamda"], ["--selector", "'lamda'", "('conv1x1', 'lambda')"]),
+    (["--selector", "lamda"], ["--selector", "'lamda'", "('conv1x1', 'lambda', 'lambda_then_conv1x1')"]),
     (["--breadth", "0"], ["--breadth", "breadth must be >= 1, got 0"]),
     (["--option", "routing=[soft"], ["--option routing: malformed YAML"]),
     (["--option", "routing"], ["--option must look like key=value"]),

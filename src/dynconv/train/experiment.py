@@ -67,7 +67,7 @@ def check_config(config: Config, *, training: bool = True) -> str:
                 if not accepted.accepts(key):
                     raise ConfigError(f"{path}.{section}.{key}", f"unknown option of {registry.kind} {name!r}; "
                                       f"expected one of {sorted(accepted.names)}")
-    _check_model_values(config)
+    meta_model = _check_model_values(config)
     task = model_task(config.model.name)
     data_options = DATASETS.options(config.data.name)
     if config.data.root is not None and not data_options.accepts("root"):
@@ -99,6 +99,8 @@ def check_config(config: Config, *, training: bool = True) -> str:
         except LayerOptionError as error:
             key = {"breadth": "breadth", "num_experts": "breadth", "selector": "selector"}.get(error.key)
             raise ConfigError(f"convert.{key}" if key else f"convert.options.{error.key}", str(error)) from None
+        if meta_model is not None:  # after the option checks, which name the key path
+            _check_conversion_fits(meta_model, config.model.name, config.convert)
     if config.model.init is not None and training:
         try:
             ckpt.resolve_checkpoint(config.model.init)
@@ -107,10 +109,11 @@ def check_config(config: Config, *, training: bool = True) -> str:
     return task
 
 
-def _check_model_values(config: Config) -> None:
+def _check_model_values(config: Config) -> nn.Module | None:
     """Build the model on the meta device (no memory, no compute) so bad option values,
     nested ones included (``model.options.layer.breadth=0``), fail with the config check,
-    naming the key path, instead of as a traceback when the trainer builds the model."""
+    naming the key path, instead of as a traceback when the trainer builds the model.
+    Returns the meta model, or None where it cannot be built on the meta device."""
     from ..models import build_model as build
 
     options = config.model.options
@@ -120,9 +123,8 @@ def _check_model_values(config: Config) -> None:
     except (ValueError, TypeError) as error:
         raise ConfigError(_option_path(options, str(error)), str(error)) from None
     except (RuntimeError, NotImplementedError):  # not buildable on the meta device: built later for real
-        return
-    if config.convert is not None:
-        _check_conversion_fits(model, config.model.name, config.convert)
+        return None
+    return model
 
 
 def _check_conversion_fits(model: nn.Module, model_name: str, cfg: ConvertConfig) -> None:
