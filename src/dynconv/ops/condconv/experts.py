@@ -25,11 +25,13 @@ routing-weighted sum), which has the same conv FLOPs:
 - transient memory: ``E`` x the input (the stacked input, then its gradient) instead of ``E`` x
   the output; larger only for strided or channel-reducing layers.
 
-Backward: one ``aten.convolution_backward`` (gradients nobody asked for are not computed),
-then two reductions over the experts. The stacked input is rebuilt from ``x`` (one
-element-wise pass) rather than saved: the custom op saves only its inputs, so training keeps
-no ``E`` x input tensor per layer. Letting autograd differentiate the same composition runs
-the same dense ops but keeps the stacked input alive from forward to backward.
+Backward: one dense-shaped ``aten.convolution_backward`` per expert (gradients nobody asked
+for are not computed): ``g_e``, the gradient w.r.t. ``r_e x``, gives ``dx += r_e g_e`` and
+``dr_e = <g_e, x>``, and the weight gradient of expert ``e`` reads ``r_e x``. Not one backward
+over the stacked ``E * C_in`` channels: at small maps oneDNN's backward is far slower per FLOP
+with that many input channels (N128 C512 4x4: 7x a dense conv's fwd+bwd for 4x its FLOPs),
+while ``E`` dense-shaped calls cost about ``E`` dense backwards. Nothing stacked is kept from
+forward to backward (the custom op saves only its inputs).
 
 Outputs and input gradients keep the input's memory format (the stacked input is built in
 it, so oneDNN / cuDNN run their NHWC kernels on channels_last batches). Half-precision inputs
@@ -107,30 +109,33 @@ def backward(
     fmt = memory_format_of(x)
     grad = grad.to(dtype)
     r = routing.to(dtype)
-    # the weight gradient reads the stacked input; the input gradient needs only its shape
-    stacked = stack_input(x, r, groups, dtype) if need_params else _stacked_buffer(x, experts, groups, dtype).flatten(1, 3)
-    grad_stacked, grad_w_stacked, _ = _aten.convolution_backward(
-        grad, stacked, stacked_weight(weight).to(dtype), None, list(stride), list(padding), list(dilation),
-        False, [0, 0], groups, [True, need_params, False],
-    )
-    del stacked
-    per_expert = grad_stacked.unflatten(1, (groups, experts, -1))  # (N, groups, E, in/g, H, W), a view
-
-    grad_x = skipped(x)
-    if need_input:  # dx_n = sum_e r_ne g_ne
-        grad_x = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=fmt)
-        grouped = grad_x.unflatten(1, (groups, -1))
-        torch.mul(per_expert[:, :, 0], r[:, 0, None, None, None, None], out=grouped)
-        for e in range(1, experts):
-            grouped.addcmul_(per_expert[:, :, e], r[:, e, None, None, None, None])
+    x_math = x.to(dtype)
+    # One dense-shaped convolution_backward per expert, not one over the stacked E x C_in
+    # channels: oneDNN's backward at small maps is far slower per FLOP with that many input
+    # channels (C512 4x4: 7x a dense conv for 4x its FLOPs), while E dense-shaped calls cost
+    # about E dense backwards. g_e (the gradient w.r.t. r_e x) does not depend on r.
+    grad_x = torch.zeros_like(x, dtype=dtype, memory_format=fmt) if need_input else skipped(x)
+    grad_w = torch.empty(weight.shape, dtype=dtype, device=weight.device) if need_params else None
+    grad_r = torch.empty((n, experts), dtype=dtype, device=x.device) if need_params else None
+    for e in range(experts):
+        r_e = r[:, e, None, None, None]
+        # the weight gradient reads the scaled input; the input gradient needs only its shape
+        scaled = x_math * r_e if need_params else x_math
+        grad_scaled, grad_w_e, _ = _aten.convolution_backward(
+            grad, scaled, weight[e].to(dtype), None, list(stride), list(padding), list(dilation),
+            False, [0, 0], groups, [True, need_params, False],
+        )
+        del scaled
+        if need_input:  # dx_n = sum_e r_ne g_ne
+            grad_x.addcmul_(grad_scaled, r_e)
+        if need_params:  # d loss / d r_ne = <g_ne, x_n> (+ the mixed bias's share below)
+            grad_w[e] = grad_w_e
+            grad_r[:, e] = (grad_scaled * x_math).sum(dim=(1, 2, 3))
+    if need_input:
         grad_x = grad_x.to(x.dtype)
     if not need_params:
         return grad_x, skipped(x), skipped(x), skipped(x)
 
-    # d loss / d r_ne = <g_ne, x_n> (+ the mixed bias's share below)
-    x_grouped = x.to(dtype).unflatten(1, (groups, -1))
-    grad_r = torch.stack([(per_expert[:, :, e] * x_grouped).sum(dim=(1, 2, 3, 4)) for e in range(experts)], dim=1)
-    grad_w = grad_w_stacked.view(weight.shape[1], experts, *weight.shape[2:]).transpose(0, 1)
     grad_b = skipped(x)
     if bias is not None:
         grad_per_example = grad.sum(dim=(2, 3))  # (N, out): d loss / d bias_n
