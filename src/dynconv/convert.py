@@ -35,7 +35,9 @@ class ConvertedNames(list):
         self.skipped: dict[str, str] = dict(skipped or {})
 
 
-def _matcher(include: Include) -> Callable[[str, nn.Module], bool]:
+def include_matcher(include: Include) -> Callable[[str, nn.Module], bool]:
+    """The predicate ``convert`` applies to (module name, module) for ``include``: exact names or
+    fnmatch globs (``'body.*.conv'``), a predicate, or None for every conv."""
     if include is None:
         return lambda name, module: True
     if callable(include):
@@ -71,7 +73,7 @@ def convert(model: nn.Module, to: str = "switched", include: Include = None, **l
     target = _target(to)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    matches = _matcher(include)
+    matches = include_matcher(include)
     targets = [
         (name, module)
         for name, module in model.named_modules()

@@ -19,9 +19,6 @@ from .spec import StudyPlan
 #: how results name an eval set without a folder (``null`` in the study file)
 OWN_EVAL_SPLIT = "each run's own eval split, every batch"
 
-#: metrics where lower is better (the rest: higher is better)
-LOWER_IS_BETTER = {"mse", "l1", "loss"}
-
 
 def environment() -> dict[str, str]:
     """Device, versions and commit of this process (where the study was run from)."""

@@ -6,7 +6,6 @@ model's cost (params, FLOPs per pixel). What the trainer, ``evaluate`` and the C
 from __future__ import annotations
 
 import copy
-import fnmatch
 import inspect
 import os
 import warnings
@@ -131,10 +130,10 @@ def _check_conversion_fits(model: nn.Module, model_name: str, cfg: ConvertConfig
     """Convert the meta-device ``model`` as ``convert.step`` will, one matched conv at a time, so
     layer options that do not fit one of them (a lambda selector's heads must divide the conv's
     input channels) fail with the config check, naming the conv, not hours into training."""
-    from ..convert import convert
+    from ..convert import convert, include_matcher
 
-    names = [name for name, m in model.named_modules()
-             if type(m) is nn.Conv2d and name and any(name == p or fnmatch.fnmatchcase(name, p) for p in cfg.include)]
+    matches = include_matcher(cfg.include)
+    names = [name for name, m in model.named_modules() if type(m) is nn.Conv2d and name and matches(name, m)]
     for name in names:
         try:
             with torch.device("meta"), warnings.catch_warnings():
