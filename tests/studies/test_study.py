@@ -209,3 +209,24 @@ def test_statistics_of_the_results_table():
 def test_python_m_dynconv_study_help():
     done = subprocess.run([sys.executable, "-m", "dynconv", "study", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "examples:" in done.stdout and "--profile" in done.stdout
+
+
+def test_wallclock_matched_run_keeps_its_schedule_shape(tmp_path, data):
+    """A ``match_wallclock`` run is timed on a probe, trains the steps that fit the matched
+    run's wall-clock, and warms up for the same fraction of them as the planned schedule."""
+    study = _write_study(tmp_path, *data, seeds=[0], variants={
+        "plain": {},
+        "matched": {"set": {"model.options.channels": 6}, "match_wallclock": {"variant": "plain", "probe_steps": 5}},
+    })
+    base = yaml.safe_load((tmp_path / "base.yaml").read_text())
+    base["schedule"] = {"name": "cosine", "warmup_steps": 3}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    out = tmp_path / "out"
+    assert cli.main(["study", str(study), "--profile", "tiny", "--out", str(out), "--progress-every", "1000"]) == cli.EXIT_OK
+    status = json.loads((out / "runs" / "matched" / "seed0" / "study_run.json").read_text())
+    match = status["wallclock_match"]
+    assert match["variant"] == "plain" and match["steps"] >= 1 and match["probe_seconds_per_step"] > 0
+    config = yaml.safe_load((out / "runs" / "matched" / "seed0" / "config.yaml").read_text())
+    assert config["train"]["steps"] == match["steps"] == status["steps"]
+    assert config["schedule"]["warmup_steps"] == int(3 * match["steps"] / 6)  # planned: 3 of 6 steps
+    assert not (out / "probes" / "matched-seed0").exists()

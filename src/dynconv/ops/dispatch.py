@@ -12,10 +12,12 @@ time before the first launch).
 
 * a CUDA tensor, with triton installed: ``'triton'``;
 * otherwise the op's PyTorch fast path, which runs on any device: ``'gather'`` for
-  ``switched_conv2d``, ``'cpu'`` for ``involution2d``; an op with several PyTorch paths
-  names a rule that picks one from the call's arguments instead (``cond_conv2d``: ``'cpu'``
-  or ``'experts'``, whichever its cost model says is cheaper for the shape:
-  :func:`dynconv.ops.condconv.functional.pytorch_backend`);
+  ``switched_conv2d``; an op whose best PyTorch path depends on the shape names a rule that
+  picks one from the call's arguments instead (``cond_conv2d``: ``'cpu'`` or ``'experts'``,
+  whichever its cost model says is cheaper:
+  :func:`dynconv.ops.condconv.functional.pytorch_backend`; ``involution2d``: ``'cpu'``, or
+  the unfold ``'reference'`` on tiny maps:
+  :func:`dynconv.ops.involution.functional.pytorch_backend`);
 * ``'reference'`` only where an op has no fast path for its input (``switched_conv2d``
   with soft routing weights).
 

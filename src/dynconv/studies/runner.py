@@ -308,7 +308,7 @@ class StudyRunner:
         for stop in [*stops, None]:
             if stop is not None and self.branch_point(run, stop).is_dir():
                 continue
-            status = self._train(run, config_file, head, max_steps=stop)
+            status = self._train(run, config_file, head, max_steps=stop, total_steps=steps)
             if status is not None:
                 return status
             if stop is not None:
@@ -365,9 +365,11 @@ class StudyRunner:
         return int(status["steps"]), None
 
     def _train(self, run: RunPlan, config_file: Path, head: str, *, max_steps: int | None,
-               overrides: list[str] = (), run_dir: Path | None = None) -> RunOutcome | None:
+               overrides: list[str] = (), run_dir: Path | None = None,
+               total_steps: int | None = None) -> RunOutcome | None:
         """One ``dynconv train`` subprocess (resuming when the run has a checkpoint); None if it
-        ended normally, else the outcome to report."""
+        ended normally, else the outcome to report. ``total_steps``: the run's steps as
+        resolved for this run (a wall-clock match sets its own), for the progress lines."""
         from ..train import checkpoint as ckpt
 
         run_dir = run_dir or run.run_dir
@@ -388,7 +390,7 @@ class StudyRunner:
                     time.sleep(0.5)
                     if time.time() - last_report >= self.progress_every:
                         last_report = time.time()
-                        self._progress(run, head, run_dir)
+                        self._progress(run, head, run_dir, total_steps)
             finally:
                 code = self.child.wait()
                 self.child = None
@@ -399,13 +401,13 @@ class StudyRunner:
         tail = _tail(run_dir / OUTPUT_FILE)
         return RunOutcome(run.key, "failed", f"train exited with {code}: {tail} (full output: {run_dir / OUTPUT_FILE})")
 
-    def _progress(self, run: RunPlan, head: str, run_dir: Path) -> None:
+    def _progress(self, run: RunPlan, head: str, run_dir: Path, total_steps: int | None = None) -> None:
         records = read_log(run_dir)
         trains = [r for r in records if r.get("event") == "train"]
         if not trains:
             return
         last = trains[-1]
-        total = run.total_steps or last["step"]
+        total = total_steps or run.total_steps or last["step"]
         per_step = seconds_per_step(records)
         if per_step:
             self.step_times[run.variant] = per_step
@@ -451,7 +453,7 @@ class StudyRunner:
             probe_config.parent.mkdir(parents=True, exist_ok=True)
             probe_config.write_text(yaml.safe_dump(config, sort_keys=False))
             failure = self._train(run, probe_config, f"{run.key} (timing probe)", max_steps=match.probe_steps,
-                                  overrides=["log.every=5", "eval.every=1000000", "log.checkpoint_every=1000000",
+                                  overrides=[f"log.every={max(1, match.probe_steps // 5)}", "eval.every=1000000", "log.checkpoint_every=1000000",
                                              "log.images_every=0"], run_dir=probe_dir)
             if failure is not None:
                 raise RuntimeError(f"timing probe failed: {failure.message}")
@@ -463,10 +465,12 @@ class StudyRunner:
             shutil.rmtree(probe_dir, ignore_errors=True)
             write_json(run.run_dir / STATUS_FILE, {**status, "wallclock_match": chosen})
         config = json.loads(json.dumps(config))
+        planned = int(config["train"]["steps"] or chosen["steps"])
         config["train"]["steps"] = int(chosen["steps"])
+        # the schedule keeps its shape: warm-up the same fraction of the (fewer or more) steps
         schedule = config.setdefault("schedule", {})
-        if schedule.get("warmup_steps", 0) >= chosen["steps"]:
-            schedule["warmup_steps"] = max(chosen["steps"] // 10, 0)
+        if schedule.get("warmup_steps"):
+            schedule["warmup_steps"] = int(schedule["warmup_steps"] * chosen["steps"] / planned)
         return config, chosen
 
     def _evaluate(self, run: RunPlan, checkpoint: Path) -> dict[str, dict[str, Any]]:

@@ -10,6 +10,7 @@ import torch
 from dynconv._checks import conv_output_size
 from dynconv.ops import involution2d
 from dynconv.ops.involution import BACKENDS, reference_involution2d
+from dynconv.ops.involution.functional import UNFOLD_MAX_PIXELS, pytorch_backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HAS_TRITON = "triton" in BACKENDS
@@ -124,11 +125,19 @@ def test_compile_fullgraph(backend):
     torch.testing.assert_close(grads[1], kernel.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_auto_picks_cpu_backend_on_cpu():
-    assert "cpu" in BACKENDS
-    x = torch.randn(1, 4, 5, 5)
-    kernel = torch.randn(1, 2, 9, 5, 5)
-    torch.testing.assert_close(involution2d(x, kernel, 3, 1, 1, 1, 2), reference_involution2d(x, kernel, 3, 1, 1, 1, 2))
+@pytest.mark.parametrize("size, expected", [(4, "reference"), (5, "reference"), (6, "cpu"), (8, "cpu")])
+def test_auto_picks_cpu_backend_except_on_tiny_maps(size, expected):
+    """Off CUDA, ``auto`` runs the ``cpu`` backend, and the unfold reference on output maps
+    under UNFOLD_MAX_PIXELS (32) pixels; the result equals the reference's either way."""
+    assert "cpu" in BACKENDS and UNFOLD_MAX_PIXELS == 32
+    x = torch.randn(2, 4, size, size, requires_grad=True)
+    kernel = torch.randn(2, 2, 9, size, size, requires_grad=True)
+    assert pytorch_backend(x, (size, size)) == expected
+    assert BACKENDS.choose("auto", x, (size, size)) == expected
+    y = involution2d(x, kernel, 3, 1, 1, 1, 2)
+    torch.testing.assert_close(y, reference_involution2d(x, kernel, 3, 1, 1, 1, 2))
+    y.square().sum().backward()
+    assert x.grad is not None and kernel.grad is not None
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")

@@ -17,8 +17,27 @@ from ..._checks import conv_output_size, float_input, pair, positive_int
 from ..custom_op import define_op, int_pairs, memory_format_of, skipped
 from ..dispatch import Backends
 
-#: The fast backends of ``involution2d``.
-BACKENDS = Backends("involution2d", __package__, {"cpu": ".cpu", "triton": ".triton_launch"}, portable="cpu")
+#: Output maps with fewer pixels per example than this run the ``reference`` (unfold) path
+#: under ``'auto'`` off CUDA: at ResNet-18's CIFAR stages (K3, G = C/16, N128, 2 CPU threads)
+#: the ``cpu`` backend is 1.5x faster than unfold at 8x8 (64 px) but 1.5x slower at 4x4 (16 px),
+#: where its per-tap passes over the whole batch cost more than the small unfold buffer
+#: (docs/performance.md).
+UNFOLD_MAX_PIXELS = 32
+
+
+def pytorch_backend(x: torch.Tensor, out_hw: tuple[int, int]) -> str:
+    """``'auto'``'s choice for CPU tensors (and CUDA ones without triton): ``'cpu'``, or
+    ``'reference'`` for output maps under :data:`UNFOLD_MAX_PIXELS` pixels. A symbolic map
+    size (``torch.compile`` with dynamic shapes, ``torch.export``) picks ``'cpu'``, so that the
+    choice adds no guard on it."""
+    if any(isinstance(size, torch.SymInt) for size in out_hw):
+        return "cpu"
+    return "reference" if out_hw[0] * out_hw[1] < UNFOLD_MAX_PIXELS else "cpu"
+
+
+#: The fast backends of ``involution2d``; off CUDA (or without triton) ``'auto'`` asks
+#: :func:`pytorch_backend`.
+BACKENDS = Backends("involution2d", __package__, {"cpu": ".cpu", "triton": ".triton_launch"}, portable=pytorch_backend)
 
 
 def _check(x, kernel, kernel_size, stride, padding, dilation, groups):
@@ -111,7 +130,8 @@ def involution2d(
         stride, padding, dilation: as ``F.conv2d``.
         groups: channel groups sharing a kernel.
         backend: ``'auto'`` (see :mod:`dynconv.ops.dispatch`: triton for CUDA tensors, else
-            cpu), ``'reference'``, ``'cpu'``, ``'triton'``.
+            cpu, or reference on maps under :data:`UNFOLD_MAX_PIXELS` pixels:
+            :func:`pytorch_backend`), ``'reference'``, ``'cpu'``, ``'triton'``.
 
     Shape:
         - ``x``: ``(N, C, H, W)``; ``kernel``: ``(N, groups, K*K, H_out, W_out)``.
@@ -125,7 +145,7 @@ def involution2d(
     """
     BACKENDS.check(backend)
     k, s, p, d = _check(x, kernel, kernel_size, stride, padding, dilation, groups)
-    backend = BACKENDS.choose(backend, x)
+    backend = BACKENDS.choose(backend, x, tuple(kernel.shape[3:]))
     if backend == "reference":
         return reference_involution2d(x, kernel, k, s, p, d, groups)
     s, p, d = int_pairs(s, p, d)
