@@ -453,8 +453,8 @@ class StudyRunner:
             probe_config.parent.mkdir(parents=True, exist_ok=True)
             probe_config.write_text(yaml.safe_dump(config, sort_keys=False))
             failure = self._train(run, probe_config, f"{run.key} (timing probe)", max_steps=match.probe_steps,
-                                  overrides=[f"log.every={max(1, match.probe_steps // 5)}", "eval.every=1000000", "log.checkpoint_every=1000000",
-                                             "log.images_every=0"], run_dir=probe_dir)
+                                  overrides=[f"log.every={max(1, match.probe_steps // 5)}", "eval.every=1000000",
+                                             "log.checkpoint_every=1000000", "log.images_every=0"], run_dir=probe_dir)
             if failure is not None:
                 raise RuntimeError(f"timing probe failed: {failure.message}")
             per_step = seconds_per_step(read_log(probe_dir))
@@ -467,7 +467,7 @@ class StudyRunner:
         config = json.loads(json.dumps(config))
         planned = int(config["train"]["steps"] or chosen["steps"])
         config["train"]["steps"] = int(chosen["steps"])
-        # the schedule keeps its shape: warm-up the same fraction of the (fewer or more) steps
+        # warm-up stays the same fraction of the (fewer or more) steps; step milestones are not rescaled
         schedule = config.setdefault("schedule", {})
         if schedule.get("warmup_steps"):
             schedule["warmup_steps"] = int(schedule["warmup_steps"] * chosen["steps"] / planned)
