@@ -219,7 +219,13 @@ class ConvertConfig:
     ``lr_scale`` multiplies the learning rate of the converted layers' parameters (experts,
     selector, bias) from the conversion on: the new experts start as copies of a kernel trained
     at the full rate while the schedule has already decayed, and each sees only its share of
-    the pixels, so they may need a larger step to specialise."""
+    the pixels, so they may need a larger step to specialise.
+
+    ``optimizer_state``: what the new expert weights (and CondConv's per-expert biases) start
+    with. ``fresh``: empty state, so Adam's first step moves every expert weight by about the
+    full learning rate, whatever its gradient - a jolt to a converged net. ``copy``: each expert
+    starts with the state (Adam moments, momentum buffer, step count) of the kernel it was
+    copied from, so training continues as if the conv had not been split."""
 
     step: int
     to: Literal["switched", "condconv"] = "switched"
@@ -228,6 +234,7 @@ class ConvertConfig:
     selector: str = "conv1x1"
     options: dict[str, Any] = field(default_factory=dict)
     lr_scale: float = 1.0
+    optimizer_state: Literal["fresh", "copy"] = "fresh"
 
     def validate(self, path: str) -> None:
         _at_least(self.step, 0, f"{path}.step")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +171,32 @@ def test_datasets_expand_every_variant_with_its_own_baseline_parents_and_eval_se
     # --only names base variants: their runs on every data set, with parents and baselines
     only = load_study(study, profile="p", out=tmp_path / "out", only=["switched"])
     assert [r.key for r in only.runs] == [f"{d}/{v}/seed0" for d in "ab" for v in ("pretrain", "plain", "switched")]
+
+
+def test_a_variant_limited_to_some_data_sets_runs_only_there(tmp_path):
+    photos = _photos(tmp_path / "photos")
+    datasets = {"a": {"eval_sets": {"a-test": None}}, "b": {"eval_sets": {"b-test": None}}}
+    branch = {"variant": "pretrain", "step": "final", "more_steps": 2}
+    convert = {"step": "${branch_step}", "to": "switched", "include": "${eight}", "breadth": 2}
+    variants = {"pretrain": {}, "plain": {"branch_from": branch},
+                "attempt": {"datasets": ["b"], "branch_from": branch, "set": {"convert": convert}}}
+    plan = load_study(_write_study(tmp_path, photos, datasets=datasets, variants=variants), out=tmp_path / "out")
+    # (the study file is written with sorted keys: attempt before plain)
+    assert [r.key for r in plan.runs] == ["a/pretrain/seed0", "a/plain/seed0",
+                                          "b/pretrain/seed0", "b/attempt/seed0", "b/plain/seed0"]
+    assert "a/attempt" not in plan.variants and plan.baseline_of("b/attempt") == "b/plain"
+    assert plan.run("b/attempt", 0).branch_from.variant == "b/pretrain"
+    # the baseline runs everywhere; a parent or control must run wherever its variant does
+    bad = [({**variants, "plain": {**variants["plain"], "datasets": ["a"]}}, "variants.plain.datasets", "the baseline runs"),
+           ({**variants, "pretrain": {"datasets": ["a"]}}, "variants.attempt.branch_from.variant", "does not run on ['b']"),
+           ({**variants, "pretrain": {"datasets": ["b"]}}, "variants.plain.branch_from.variant", "runs only on ['b']"),
+           ({**variants, "attempt": {**variants["attempt"], "datasets": ["c"]}}, "variants.attempt.datasets",
+            "expected a non-empty list of data sets (of ['a', 'b']), got ['c']")]
+    for changed, path, message in bad:
+        with pytest.raises(StudyError, match=re.escape(path) + ".*" + re.escape(message)):
+            load_study(_write_study(tmp_path, photos, datasets=datasets, variants=changed), out=tmp_path / "out")
+    with pytest.raises(StudyError, match=r"variants.attempt.datasets: only a study with top-level datasets"):
+        load_study(_write_study(tmp_path, photos, datasets=None, variants=variants), out=tmp_path / "out")
 
 
 def test_fixed_branch_step_with_more_steps(tmp_path):

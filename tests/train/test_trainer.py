@@ -262,6 +262,57 @@ def test_convert_lr_scale_puts_converted_layers_in_a_scaled_group(tmp_path, sr_r
     assert not torch.equal(unscaled["body.0.conv.weight"], final_weights(tmp_path / "full")["body.0.conv.weight"])
 
 
+@pytest.mark.parametrize("to", ["switched", "condconv"])
+def test_carry_optimizer_state_copies_the_kernels_state_into_every_expert(to):
+    from dynconv.convert import convert
+    from dynconv.train.experiment import carry_optimizer_state
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(4, 2, 1))
+    old_opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        old_opt.zero_grad()
+        model(torch.randn(2, 3, 5, 5)).square().mean().backward()
+        old_opt.step()
+    old_params = dict(model.named_parameters())
+    before = {name: {k: v.clone() for k, v in old_opt.state[p].items()} for name, p in old_params.items()}
+    convert(model, to=to, include=["0"], **({"breadth": 3} if to == "switched" else {"num_experts": 3}))
+    fresh, copied = (torch.optim.Adam(model.parameters(), lr=1e-3) for _ in range(2))
+    carry_optimizer_state(old_opt, old_params, fresh, model)
+    carry_optimizer_state(old_opt, old_params, copied, model, copy_into_experts=True)
+    experts = model[0].weight
+    assert experts.shape == (3, 4, 3, 3, 3) and experts not in fresh.state  # the default: fresh
+    for e in range(3):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(copied.state[experts][key][e], before["0.weight"][key])
+    assert int(copied.state[experts]["step"]) == 3
+    bias = model[0].bias  # switched: the conv's own bias (same shape, kept either way); CondConv: one per expert
+    rows = [copied.state[bias]["exp_avg"]] if to == "switched" else list(copied.state[bias]["exp_avg"])
+    assert len(rows) == (1 if to == "switched" else 3)
+    for row in rows:
+        assert torch.equal(row, before["0.bias"]["exp_avg"])
+    assert bias in fresh.state if to == "switched" else bias not in fresh.state
+    # the copies are the kernel's own state repeated, not views of one tensor
+    copied.state[experts]["exp_avg"][0].zero_()
+    assert torch.equal(copied.state[experts]["exp_avg"][1], before["0.weight"]["exp_avg"])
+
+
+def test_convert_optimizer_state_copy_continues_the_step_count(tmp_path, sr_root):
+    raw = sr_config(sr_root, model={"name": "sr_plain", "options": {"channels": 4, "num_layers": 3}},
+                    optim={"name": "adam", "lr": 1e-3}, train={"steps": 3},
+                    convert={"step": 2, "include": ["body.*"], "breadth": 2, "optimizer_state": "copy"})
+    trainer = Trainer(config_from_dict(raw), tmp_path / "run")
+    trainer.fit()
+    state = trainer._optimizer().state
+    assert int(state[trainer.raw.body[0].conv.weight]["step"]) == 3  # fresh would be 1 (see the staged test)
+    meta = ckpt.read_meta(ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints"))
+    assert meta["conversions"][0]["optimizer_state"] == "copy"
+    raw["convert"]["optimizer_state"] = "keep"
+    from dynconv.config import ConfigError
+    with pytest.raises(ConfigError, match=r"convert\.optimizer_state"):
+        config_from_dict(raw)
+
+
 def test_convert_lr_scale_must_be_positive(sr_root):
     from dynconv.config import ConfigError
 

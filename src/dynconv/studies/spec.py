@@ -40,7 +40,9 @@ branch's ``train.steps`` to the branch step + M. ``${branch_step}`` in a variant
 every data set: run ``<dataset>/<variant>``, its config ``base`` <- ``profile.set`` <- the data
 set's ``set`` <- the profile's per-data-set ``set`` (``profiles.P.datasets.D.set``) <- the
 variant's ... ; baseline, control and branch parents are those of the same data set, and a run
-is evaluated on the study's ``eval_sets`` and its data set's. An eval set whose folder is
+is evaluated on the study's ``eval_sets`` and its data set's. A variant's ``datasets: [names]``
+runs it on those data sets only (an attempt tried on one); its parent, match and control must
+run there too, and the baseline runs on every data set. An eval set whose folder is
 ``null`` is the run's own eval split (``data.eval_split``, every batch). ``relative_change: true``
 reports differences to the baseline / control as relative changes (in %) in results.md.
 
@@ -67,7 +69,7 @@ from ..config import ConfigError, apply_overrides, config_from_dict
 
 STUDY_KEYS = {"name", "description", "base", "baseline", "seeds", "eval_sets", "variants", "profiles", "metrics", "vars",
               "datasets", "relative_change", "latency_batch_size"}
-VARIANT_KEYS = {"set", "seeds", "branch_from", "match_wallclock", "label", "description", "control"}
+VARIANT_KEYS = {"set", "seeds", "branch_from", "match_wallclock", "label", "description", "control", "datasets"}
 PROFILE_KEYS = {"set", "seeds", "variants", "description", "vars", "exclude", "datasets"}
 DATASET_KEYS = {"label", "description", "set", "eval_sets"}
 #: ``branch_from.step`` values that name where the parent run ended instead of a step
@@ -190,6 +192,17 @@ def config_hash(config: dict[str, Any]) -> str:
 
 
 # -------------------------------------------------------------------------------- parsing
+def _variant_datasets(value: Any, datasets: dict[str, Any], path: str) -> list[str] | None:
+    """A variant's ``datasets``: None (every data set) or a non-empty list of known names."""
+    if value is None:
+        return None
+    if not datasets:
+        raise StudyError(path, "only a study with top-level datasets can limit a variant to some of them")
+    if not isinstance(value, list) or not value or any(d not in datasets for d in value):
+        raise StudyError(path, f"expected a non-empty list of data sets (of {sorted(datasets)}), got {value!r}")
+    return [str(d) for d in value]
+
+
 def _mapping(value: Any, path: str) -> dict[str, Any]:
     if value is None:
         return {}
@@ -424,6 +437,7 @@ def load_study(
             "match": _match(pv.get("match_wallclock", v.get("match_wallclock")), f"{vpath}.match_wallclock"),
             "label": str(v.get("label", vname)),
             "description": str(v.get("description", "")),
+            "datasets": _variant_datasets(v.get("datasets"), datasets_raw, f"{vpath}.datasets"),
         }
         if seeds is not None:
             entry["seeds"] = list(seeds)
@@ -433,6 +447,20 @@ def load_study(
             if ref is not None and (ref.variant not in variants_raw or ref.variant == vname):
                 raise StudyError(f"{vpath}.{key}.variant", f"expected another variant, one of {sorted(set(variants_raw) - {vname})}, got {ref.variant!r}")
         resolved[vname] = entry
+    if resolved[baseline]["datasets"] is not None:
+        raise StudyError(f"variants.{baseline}.datasets", "the baseline runs on every data set; remove its datasets")
+    for vname, entry in resolved.items():  # what a variant is compared with or starts from runs where it does
+        for key, other in (("branch_from.variant", entry["branch_from"] and entry["branch_from"].variant),
+                           ("match_wallclock.variant", entry["match"] and entry["match"].variant),
+                           ("control", entry["control"])):
+            if other is None or entry["datasets"] is None:
+                if other is not None and resolved[other]["datasets"] is not None:
+                    raise StudyError(f"variants.{vname}.{key}", f"{other!r} runs only on {resolved[other]['datasets']}; "
+                                     f"give {vname!r} the same datasets")
+                continue
+            missing = sorted(set(entry["datasets"]) - set(resolved[other]["datasets"] or entry["datasets"]))
+            if missing:
+                raise StudyError(f"variants.{vname}.{key}", f"{other!r} does not run on {missing}, where {vname!r} does")
     # parents must not themselves branch (one level keeps the data order argument simple)
     for vname, entry in resolved.items():
         ref = entry["branch_from"]
@@ -465,6 +493,8 @@ def load_study(
         named = (lambda v: v) if dname is None else (lambda v, _d=dname: f"{_d}/{v}")
         for vname in order:
             entry = resolved[vname]
+            if dname is not None and entry["datasets"] is not None and dname not in entry["datasets"]:
+                continue
             branch, match = entry["branch_from"], entry["match"]
             if branch is not None:
                 branch = BranchFrom(named(branch.variant), branch.step, branch.more_steps)
@@ -488,7 +518,8 @@ def load_study(
         for dname, d in datasets_raw.items():
             label = str(_mapping(d, f"datasets.{dname}").get("label", dname))
             for vname in order:
-                expanded[f"{dname}/{vname}"]["label"] = f"{resolved[vname]['label']} ({label})"
+                if f"{dname}/{vname}" in expanded:
+                    expanded[f"{dname}/{vname}"]["label"] = f"{resolved[vname]['label']} ({label})"
     plan = StudyPlan(
         name=name, path=path.resolve(), description=str(raw.get("description", "")), baseline=baseline, profile=profile,
         eval_sets={}, variants={v: {"label": e["label"], "description": e["description"], "seeds": e["seeds"],

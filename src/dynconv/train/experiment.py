@@ -186,6 +186,8 @@ def conversion_record(cfg: ConvertConfig, step: int | None = None) -> dict[str, 
     record = {"to": cfg.to, "include": list(cfg.include), "kwargs": cfg.layer_kwargs(), "step": step}
     if cfg.lr_scale != 1.0:  # read back by build_optimizer, so a resumed run rebuilds the same groups
         record["lr_scale"] = cfg.lr_scale
+    if cfg.optimizer_state != "fresh":  # provenance only: the state is in every later checkpoint
+        record["optimizer_state"] = cfg.optimizer_state
     return record
 
 
@@ -332,11 +334,14 @@ def build_optimizer(config: Config, model: nn.Module, conversions: Sequence[dict
 
 
 def carry_optimizer_state(old: torch.optim.Optimizer, old_params: dict[str, nn.Parameter],
-                          new: torch.optim.Optimizer, model: nn.Module) -> None:
+                          new: torch.optim.Optimizer, model: nn.Module, *, copy_into_experts: bool = False) -> None:
     """After a conversion, ``new`` (built over the converted ``model``) continues ``old``:
     the groups' learning rates, and the state of surviving parameters; a converted layer's
     parameter keeps the state of the one it replaces when name and shape agree (a switched
-    conv's bias). ``old_params``: the named parameters before the conversion."""
+    conv's bias). With ``copy_into_experts``, a parameter of shape ``(E, *old.shape)`` under
+    the old one's name (the experts copied from a conv's weight or bias) starts with the old
+    state repeated for each expert (``convert.optimizer_state: copy``); otherwise it starts
+    fresh. ``old_params``: the named parameters before the conversion."""
     base_lr = new.param_groups[0]["lr"]
     for i, group in enumerate(new.param_groups):
         # a group the conversion added keeps its multiple of the base rate (initial_lr drives the schedule)
@@ -353,6 +358,18 @@ def carry_optimizer_state(old: torch.optim.Optimizer, old_params: dict[str, nn.P
             new.state[p] = old.state[previous]
         elif previous.shape == p.shape:
             new.state[p] = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in old.state[previous].items()}
+        elif copy_into_experts and p.dim() == previous.dim() + 1 and p.shape[1:] == previous.shape:
+            new.state[p] = {k: _repeat_for_experts(v, previous.shape, p.shape[0]) for k, v in old.state[previous].items()}
+
+
+def _repeat_for_experts(value: Any, shape: torch.Size, experts: int) -> Any:
+    """One optimizer-state entry of a parameter of ``shape``, repeated for ``experts`` copies
+    (moments and buffers of that shape; a step count or other scalar is copied as is)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.shape == shape:
+        return value.unsqueeze(0).repeat(experts, *([1] * value.dim()))
+    return value.clone()
 
 
 # ---------------------------------------------------------------------------- accelerate

@@ -608,7 +608,8 @@ class Trainer:
     # -- staged conversion -------------------------------------------------------------------------
     def convert_now(self, batch: dict | None = None) -> dict[str, float]:
         """Convert the model per ``config.convert`` at the current step: rebuild the optimizer
-        (old parameters keep their state; new ones start fresh), the EMA and the DDP wrapper.
+        (old parameters keep their state; new ones start fresh, or the experts with their
+        kernel's state under ``convert.optimizer_state: copy``), the EMA and the DDP wrapper.
         With ``batch``, the loss on it is computed in eval mode before and after (logged)."""
         cfg = self.config.convert
         acc = self.accelerator
@@ -630,7 +631,8 @@ class Trainer:
         if self.config.train.channels_last:
             to_channels_last(self.raw)
         self.optimizer = build_optimizer(self.config, self.raw, self.conversions)
-        carry_optimizer_state(old_opt, old_params, self.optimizer, self.raw)
+        carry_optimizer_state(old_opt, old_params, self.optimizer, self.raw,
+                              copy_into_experts=cfg.optimizer_state == "copy")
         if self.ema is not None:
             self.ema = EMA(self.raw, self.config.train.ema)
         self._prepare()
