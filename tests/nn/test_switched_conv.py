@@ -122,6 +122,37 @@ def test_from_conv_preserves_output(routing, selector):
     assert torch.equal(layer.weight[3], conv.weight)
 
 
+@pytest.mark.parametrize("routing", ["hard", "soft"])
+def test_detached_selector_input_keeps_the_networks_gradients_at_conversion(routing):
+    """Right after a conversion the output is unchanged; with ``detach_selector_input`` so are
+    the gradients of every parameter before the layer (the routing gradient trains only the
+    selector). With the original rule (hard routing) the ``grad / p`` gate gradient also flows
+    through the selector into the layer's input, so earlier layers get other gradients."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1)).double()
+    x, target = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randn(2, 4, 8, 8, dtype=torch.float64)
+
+    def grads(model):
+        model.zero_grad()
+        F.mse_loss(model(x), target).backward()
+        return model[0].weight.grad.clone(), model[2].weight.grad
+
+    reference, last = grads(plain)
+    for detach in (True, False):
+        converted = copy.deepcopy(plain)
+        converted[2] = SwitchedConv2d.from_conv(plain[2], breadth=4, routing=routing, detach_selector_input=detach)
+        first, experts = grads(converted)
+        torch.testing.assert_close(experts.sum(0), last)  # the experts share the conv's gradient
+        assert converted[2].selector.weight.grad.abs().sum() > 0  # the selector (a 1x1 conv) still learns
+        if detach:
+            torch.testing.assert_close(first, reference)
+        elif routing == "hard":
+            assert not torch.allclose(first, reference, rtol=1e-3, atol=0)
+    assert "detach_selector_input=True" in repr(SwitchedConv2d(2, 2, 3, breadth=2, detach_selector_input=True))
+    with pytest.raises(TypeError, match="detach_selector_input must be a bool, got 'yes'"):
+        SwitchedConv2d(2, 2, 3, breadth=2, detach_selector_input="yes")
+
+
 def test_default_init_like_conv2d():
     torch.manual_seed(0)
     layer = SwitchedConv2d(64, 64, 3, breadth=4)

@@ -60,7 +60,8 @@ def involution(in_channels: int, out_channels: int, kernel_size: int, stride: in
 _register("conv", nn.Conv2d, ())
 _register(
     "switched", SwitchedConv2d,
-    ("breadth", "selector", "routing", "switch_norm", "norm_buffer", "selector_dropout", "backend"),
+    ("breadth", "selector", "routing", "switch_norm", "norm_buffer", "selector_dropout", "detach_selector_input",
+     "backend"),
 )
 _register("condconv", CondConv2d, ("num_experts", "routing", "temperature", "backend"))
 # a model's involution layer may change its footprint (kernel_size), not just its options

@@ -49,6 +49,14 @@ class SwitchedConv2d(DynamicConv2d):
         selector_dropout: in training only, per example, drop each expert with this
             probability: its logit is masked out of the softmax, so that example's pixels
             cannot pick it (at least one expert is kept per example). Off in eval.
+        detach_selector_input: the selector reads ``selector_input.detach()``: the routing
+            gradient (hard: ``grad / p``, which has no counterpart in the forward pass, whose
+            gate is 1) trains the selector only instead of also flowing back into the
+            network through the selector's input. Right after a conversion (identical
+            experts) the network's other parameters then get exactly the plain conv
+            network's gradients; with the default ``False`` (the original rule) they do not:
+            in a VQ-VAE with 8 converted convs the encoder's gradients were off by 2-77x
+            (docs/results/vqvae.md).
         backend: the :func:`dynconv.ops.switched_conv2d` backend (``'auto'``, ``'reference'``,
             ``'gather'``, ``'triton'``).
 
@@ -87,6 +95,7 @@ class SwitchedConv2d(DynamicConv2d):
         switch_norm: bool = True,
         norm_buffer: int = 256,
         selector_dropout: float = 0.0,
+        detach_selector_input: bool = False,
         backend: str = "auto",
         device=None,
         dtype=None,
@@ -100,6 +109,9 @@ class SwitchedConv2d(DynamicConv2d):
         if not 0.0 <= float(selector_dropout) < 1.0:
             raise ValueError(f"selector_dropout must be in [0, 1), got {selector_dropout}")
         self.selector_dropout = float(selector_dropout)
+        if not isinstance(detach_selector_input, bool):
+            raise TypeError(f"detach_selector_input must be a bool, got {detach_selector_input!r}")
+        self.detach_selector_input = detach_selector_input
         self.selector_channels = positive_int(selector_channels, "selector_channels") if selector_channels else in_channels
         self.weight = nn.Parameter(torch.empty(self.breadth, out_channels, in_channels, *self.kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
@@ -141,6 +153,7 @@ class SwitchedConv2d(DynamicConv2d):
             "selector_channels": self.selector_channels if self.selector_channels != self.in_channels else None,
             "routing": self.routing,
             "selector_dropout": self.selector_dropout,
+            "detach_selector_input": self.detach_selector_input,
             "backend": self.backend,
         }
 
@@ -165,6 +178,8 @@ class SwitchedConv2d(DynamicConv2d):
                     f"{name} must have {self.selector_channels} channels for the selector, got {source.shape[1]}"
                 )
             source = align_to_output_grid(source, out_size, self.kernel_size, self.stride, self.padding, self.dilation)
+        if self.detach_selector_input:
+            source = source.detach()
         logits = self.selector(source)
         expected = (x.shape[0], self.breadth, *out_size)
         if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected:
