@@ -146,3 +146,22 @@ def test_info_of_a_config(tmp_path, sr_root, capsys):
 def test_python_dash_m_dynconv():
     proc = subprocess.run([sys.executable, "-m", "dynconv", "convert", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--include" in proc.stdout
+
+
+def test_viz_normalises_images_as_the_run_trained_on_them():
+    """``viz`` feeds the model what its data set fed it: ``data.options`` mean / std, else the
+    data set's defaults (a VQ-VAE trained on [-0.5, 0.5] must not see [0, 1] images)."""
+    from dynconv.config import config_from_dict
+    from dynconv.data.classification import CIFAR10_MEAN
+
+    def normalisation(data):
+        config = config_from_dict({"model": {"name": "vqvae"}, "data": data, "train": {"steps": 1},
+                                   "losses": [{"name": "mse"}]})
+        return cli._data_normalisation(config)
+
+    mean, std = normalisation({"name": "image_folder", "root": "x", "options": {"mean": [0.5] * 3, "std": [1.0] * 3}})
+    assert mean.flatten().tolist() == [0.5] * 3 and std.flatten().tolist() == [1.0] * 3 and mean.shape == (3, 1, 1)
+    mean, _ = normalisation({"name": "image_folder", "root": "x"})
+    assert mean.flatten().tolist() == pytest.approx(list(CIFAR10_MEAN))
+    mean, std = normalisation({"name": "folder_crops", "root": "x"})
+    assert mean.flatten().tolist() == [0.0] * 3 and std.flatten().tolist() == [1.0] * 3

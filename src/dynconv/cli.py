@@ -485,6 +485,25 @@ def load_image(path: Path):
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
+def _data_normalisation(config) -> tuple[Any, Any]:
+    """``(mean, std)`` as ``(3, 1, 1)`` tensors that the run's data set normalised [0, 1]
+    images with (its ``data.options``, else the data set's defaults), or ``(None, None)``."""
+    import inspect
+
+    import torch
+
+    from .data import DATASETS
+
+    options: dict[str, Any] = {}
+    if config.data.name in DATASETS:
+        options = {k: v for k, v in DATASETS.options(config.data.name).defaults.items() if v is not inspect.Parameter.empty}
+    options.update(config.data.options)
+    if options.get("mean") is None or options.get("std") is None:
+        return None, None
+    return (torch.tensor(options["mean"], dtype=torch.float32).view(3, 1, 1),
+            torch.tensor(options["std"], dtype=torch.float32).view(3, 1, 1))
+
+
 def _cmd_viz(args: argparse.Namespace) -> int:
     import torch
 
@@ -505,15 +524,12 @@ def _cmd_viz(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    mean, std = _data_normalisation(config)
     for path in args.images:
         image = load_image(path)
-        if task == "classification":
-            from .data.classification import CIFAR10_MEAN, CIFAR10_STD
-
-            mean = torch.tensor(config.data.options.get("mean", CIFAR10_MEAN)).view(3, 1, 1)
-            std = torch.tensor(config.data.options.get("std", CIFAR10_STD)).view(3, 1, 1)
+        if mean is not None:  # as the model saw its training images
             image = (image - mean) / std
-        elif task == "reconstruction":
+        if task == "reconstruction":
             h, w = image.shape[1:]
             image = image[:, : h - h % 4, : w - w % 4]
         written += save_selector_maps(model, image[None], out / Path(path).stem)
