@@ -290,3 +290,20 @@ def test_vqvae_study_file(tmp_path, profile):
     assert params("cifar10/wide") == pytest.approx(params("cifar10/switched_lambda"), rel=0.03)
     assert params("cifar10/switched_lambda") > 5 * params("cifar10/plain")
     assert math.isclose(params("t91/wide"), params("cifar10/wide"))
+
+
+def test_the_report_figures_draw_from_a_finished_study(finished, tmp_path):
+    """tools/vqvae_figures.py (docs/results/vqvae.md's figures) on the tiny study: loss curves
+    per data set, and a row per image with (a)'s reconstruction and the switched run's map."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vqvae_figures", REPO / "tools" / "vqvae_figures.py")
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
+    study = json.loads((finished / "study.json").read_text())
+    curves = figures.loss_curves(study, tmp_path)
+    assert Image.open(curves).size == (650, 750)  # one data set: a column of two panels
+    images = figures._images_from(finished.parent / "photos", 2)
+    assert [tuple(image.shape) for _, image in images] == [(3, 24, 24)] * 2 and 0 <= float(images[0][1].min())
+    maps = figures.selector_maps_figure(study, images, "crops", tmp_path, variants={"switched": "switched"})
+    assert Image.open(maps).size == (660, 440)  # 2 images x (input, reconstruction, map)
