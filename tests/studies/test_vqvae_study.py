@@ -307,3 +307,20 @@ def test_the_report_figures_draw_from_a_finished_study(finished, tmp_path):
     assert [tuple(image.shape) for _, image in images] == [(3, 24, 24)] * 2 and 0 <= float(images[0][1].min())
     maps = figures.selector_maps_figure(study, images, "crops", tmp_path, variants={"switched": "switched"})
     assert Image.open(maps).size == (660, 440)  # 2 images x (input, reconstruction, map)
+
+
+def test_conversion_gradients_tool_shows_the_routing_gradient_leak(finished):
+    """tools/conversion_gradients.py on the tiny study's pretrained VQ-VAE: with the selector
+    input detached the converted net has the plain net's gradients; with the original rule
+    the layers before a switched conv get other gradients."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("conversion_gradients", REPO / "tools" / "conversion_gradients.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    checkpoint = next((finished / "runs" / "crops" / "pretrain" / "seed0" / "checkpoints").glob("step_*"))
+    result = tool.compare(checkpoint, list(INCLUDE_4_PLUS_4), breadth=2, selector="conv1x1", batch_size=4, seed=0)
+    assert len(result["converted"]) == 8
+    assert max(result["detached"].values()) < 1e-4
+    assert result["original"]["encoder.conv1.weight"] > 1e-2  # before every switched conv
+    assert result["original"]["decoder.upsample2.conv.weight"] < 1e-4  # the last one: nothing leaks into it
