@@ -44,7 +44,7 @@ def compare(checkpoint: Path, include: list[str], breadth: int, selector: str, b
     torch.manual_seed(seed)
     plain, config, _ = load_checkpoint_model(checkpoint)
     spec = TASKS[check_config(config, training=False)]
-    dataset = build_split(config, "train", {})
+    dataset = build_split(config, config.data.train_split, config.data.train_options)
     batch = torch.utils.data.default_collate([dataset[i] for i in range(batch_size)])
     terms = build_loss_terms(config, torch.device("cpu"))
 
