@@ -153,11 +153,12 @@ def test_viz_normalises_images_as_the_run_trained_on_them():
     data set's defaults (a VQ-VAE trained on [-0.5, 0.5] must not see [0, 1] images)."""
     from dynconv.config import config_from_dict
     from dynconv.data.classification import CIFAR10_MEAN
+    from dynconv.train.experiment import input_normalisation
 
     def normalisation(data):
         config = config_from_dict({"model": {"name": "vqvae"}, "data": data, "train": {"steps": 1},
                                    "losses": [{"name": "mse"}]})
-        return cli._data_normalisation(config)
+        return input_normalisation(config)
 
     mean, std = normalisation({"name": "image_folder", "root": "x", "options": {"mean": [0.5] * 3, "std": [1.0] * 3}})
     assert mean.flatten().tolist() == [0.5] * 3 and std.flatten().tolist() == [1.0] * 3 and mean.shape == (3, 1, 1)

@@ -37,9 +37,9 @@ def gradients(model: torch.nn.Module, batch: dict, forward, loss) -> dict[str, t
 
 def compare(checkpoint: Path, include: list[str], breadth: int, selector: str, batch_size: int, seed: int) -> dict:
     from dynconv.convert import convert
-    from dynconv.train.experiment import build_loss_terms, build_split, load_checkpoint_model
+    from dynconv.train.experiment import (build_loss_terms, build_split, check_config, combine_loss_terms,
+                                          load_checkpoint_model)
     from dynconv.train.tasks import TASKS
-    from dynconv.train.experiment import check_config
 
     torch.manual_seed(seed)
     plain, config, _ = load_checkpoint_model(checkpoint)
@@ -52,12 +52,7 @@ def compare(checkpoint: Path, include: list[str], breadth: int, selector: str, b
         return spec.wrap(model(batch[spec.input]))
 
     def loss(outputs, batch, model):
-        total, parts = 0.0, {}
-        for name, weight, fn, needs_model in terms:
-            value = fn(model, batch, 0) if needs_model else fn(outputs, batch)
-            parts[name] = value.detach()
-            total = total + weight * value.float()
-        return total, parts
+        return combine_loss_terms(terms, outputs, batch, model, step=0)
 
     reference = gradients(copy.deepcopy(plain), batch, forward, loss)
     result: dict[str, dict[str, float]] = {}

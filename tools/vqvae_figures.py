@@ -130,10 +130,9 @@ def selector_maps_figure(study: dict, images: list[tuple[str, torch.Tensor]], da
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dynconv.cli import _data_normalisation
     from dynconv.insight import selector_maps
-    from dynconv.train.experiment import load_checkpoint_model
-    from dynconv.viz import _expert_colours
+    from dynconv.train.experiment import input_normalisation, load_checkpoint_model
+    from dynconv.viz import selector_map_image
 
     runs = {r["variant"]: r for r in study["runs"] if r.get("seed") == 0 and r.get("status") == "done"}
     models = {}
@@ -142,7 +141,7 @@ def selector_maps_figure(study: dict, images: list[tuple[str, torch.Tensor]], da
         if run is not None:
             model, config, _ = load_checkpoint_model(Path(run["checkpoint"]))
             models[variant] = (model.eval(), config)
-    mean, std = _data_normalisation(next(iter(models.values()))[1])
+    mean, std = input_normalisation(next(iter(models.values()))[1])
     columns = ["input"] + (["(a) reconstruction"] if "plain" in models else []) + [
         f"{variants[v]}: expert per pixel" for v in variants if v in models]
     fig, axes = plt.subplots(len(images), len(columns), figsize=(2.2 * len(columns), 2.2 * len(images)), dpi=100,
@@ -159,7 +158,7 @@ def selector_maps_figure(study: dict, images: list[tuple[str, torch.Tensor]], da
             if variant in models:
                 model = models[variant][0]
                 selection = selector_maps(model, x)[layer][0]
-                cells.append(_expert_colours(model.get_submodule(layer).breadth)[selection.numpy()])
+                cells.append(selector_map_image(selection, model.get_submodule(layer).breadth).permute(1, 2, 0).numpy())
         for col, cell in enumerate(cells):
             axes[row, col].imshow(cell, interpolation="nearest")
             axes[row, col].axis("off")

@@ -485,32 +485,13 @@ def load_image(path: Path):
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def _data_normalisation(config) -> tuple[Any, Any]:
-    """``(mean, std)`` as ``(3, 1, 1)`` tensors that the run's data set normalised [0, 1]
-    images with (its ``data.options``, else the data set's defaults), or ``(None, None)``."""
-    import inspect
-
-    import torch
-
-    from .data import DATASETS
-
-    options: dict[str, Any] = {}
-    if config.data.name in DATASETS:
-        options = {k: v for k, v in DATASETS.options(config.data.name).defaults.items() if v is not inspect.Parameter.empty}
-    options.update(config.data.options)
-    if options.get("mean") is None or options.get("std") is None:
-        return None, None
-    return (torch.tensor(options["mean"], dtype=torch.float32).view(3, 1, 1),
-            torch.tensor(options["std"], dtype=torch.float32).view(3, 1, 1))
-
-
 def _cmd_viz(args: argparse.Namespace) -> int:
     import torch
 
     from .insight import switched_layers
     from .models import model_task
     from .train import checkpoint as ckpt
-    from .train.experiment import load_checkpoint_model
+    from .train.experiment import input_normalisation, load_checkpoint_model
     from .viz import save_selector_maps
 
     _check_image_files(args.images)
@@ -524,7 +505,7 @@ def _cmd_viz(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    mean, std = _data_normalisation(config)
+    mean, std = input_normalisation(config)
     for path in args.images:
         image = load_image(path)
         if mean is not None:  # as the model saw its training images

@@ -453,12 +453,12 @@ def load_study(
         for key, other in (("branch_from.variant", entry["branch_from"] and entry["branch_from"].variant),
                            ("match_wallclock.variant", entry["match"] and entry["match"].variant),
                            ("control", entry["control"])):
-            if other is None or entry["datasets"] is None:
-                if other is not None and resolved[other]["datasets"] is not None:
-                    raise StudyError(f"variants.{vname}.{key}", f"{other!r} runs only on {resolved[other]['datasets']}; "
-                                     f"give {vname!r} the same datasets")
+            theirs = None if other is None else resolved[other]["datasets"]
+            if theirs is None:  # no reference, or one that runs everywhere
                 continue
-            missing = sorted(set(entry["datasets"]) - set(resolved[other]["datasets"] or entry["datasets"]))
+            if entry["datasets"] is None:
+                raise StudyError(f"variants.{vname}.{key}", f"{other!r} runs only on {theirs}; give {vname!r} the same datasets")
+            missing = sorted(set(entry["datasets"]) - set(theirs))
             if missing:
                 raise StudyError(f"variants.{vname}.{key}", f"{other!r} does not run on {missing}, where {vname!r} does")
     # parents must not themselves branch (one level keeps the data order argument simple)

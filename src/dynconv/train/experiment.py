@@ -291,6 +291,20 @@ def check_split_images(task: str, split: str, dataset, metric_names: list[str]) 
                                f"border and need more than {2 * scale} pixels per side; remove it from the eval set")
 
 
+def combine_loss_terms(loss_terms: Sequence[tuple[str, float, Any, bool]], outputs: dict, batch: dict,
+                       model: nn.Module, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The weighted sum of :func:`build_loss_terms`' terms and each (unweighted, detached)
+    term. Terms with ``needs_model`` (translational consistency) are called as
+    ``fn(model, batch, step)``, the others as ``fn(outputs, batch)``."""
+    total, terms = 0.0, {}
+    for name, weight, fn, needs_model in loss_terms:
+        value = fn(model, batch, step) if needs_model else fn(outputs, batch)
+        key = name if name not in terms else f"{name}_{len(terms)}"
+        terms[key] = value.detach()
+        total = total + weight * value.float()
+    return total, terms
+
+
 def build_loss_terms(config: Config, device: torch.device) -> list[tuple[str, float, Any, bool]]:
     """``[(name, weight, loss, needs_model)]`` of ``config.losses``, on ``device``."""
     from ..losses import build_loss
@@ -404,16 +418,34 @@ DEFAULT_LR_SIZE = 48  # SR input when the data config names no patch size (match
 DEFAULT_IMAGE_SIZE = 32  # CIFAR-10
 
 
+def dataset_defaults(config: Config) -> dict[str, Any]:
+    """The options of ``config.data.name``'s builder that have a default, with those defaults
+    (empty for a data set that is not registered)."""
+    from ..data import DATASETS
+
+    if config.data.name not in DATASETS:
+        return {}
+    return {k: v for k, v in DATASETS.options(config.data.name).defaults.items() if v is not inspect.Parameter.empty}
+
+
+def input_normalisation(config: Config) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+    """``(mean, std)`` as ``(3, 1, 1)`` tensors that the run's data set normalised [0, 1]
+    images with (its ``data.options``, else the data set's defaults), or ``(None, None)``:
+    what a model must be fed outside the data pipeline (``dynconv viz``)."""
+    options = {**dataset_defaults(config), **config.data.options}
+    if options.get("mean") is None or options.get("std") is None:
+        return None, None
+    return (torch.tensor(options["mean"], dtype=torch.float32).view(3, 1, 1),
+            torch.tensor(options["std"], dtype=torch.float32).view(3, 1, 1))
+
+
 def default_input_size(config: Config) -> tuple[int, int, str]:
     """``(H, W, where it comes from)`` of the model input that costs are quoted for: the
     training crop (SR: ``patch_size / scale``, the LR patch), else the data's ``size``, else
     48 (SR LR) or 32 (CIFAR). CondConv's per-example cost is spread over these pixels."""
-    from ..data import DATASETS
     from ..models import model_task
 
-    defaults: dict[str, Any] = {}
-    if config.data.name in DATASETS:
-        defaults = {k: v for k, v in DATASETS.options(config.data.name).defaults.items() if v is not inspect.Parameter.empty}
+    defaults = dataset_defaults(config)
 
     def pick(key: str) -> tuple[Any, str]:
         for section in ("train_options", "options"):

@@ -34,6 +34,7 @@ from .experiment import (
     carry_optimizer_state,
     check_config,
     check_split_images,
+    combine_loss_terms,
     conversion_record,
     format_cost,
     load_model_weights,
@@ -509,18 +510,9 @@ class Trainer:
         return self.task_spec.wrap(model(batch[self.task_spec.input]))
 
     def loss(self, outputs: dict, batch: dict, model: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The weighted sum of the loss terms and each (unweighted) term. Terms with
-        ``needs_model`` (translational consistency) are called as ``fn(model, batch, step)``."""
-        total, terms = 0.0, {}
-        for name, weight, fn, needs_model in self.loss_terms:
-            if needs_model:
-                value = fn(model if model is not None else self.model, batch, self.step)
-            else:
-                value = fn(outputs, batch)
-            key = name if name not in terms else f"{name}_{len(terms)}"
-            terms[key] = value.detach()
-            total = total + weight * value.float()
-        return total, terms
+        """The weighted sum of the loss terms and each (unweighted) term
+        (:func:`combine_loss_terms`); ``model`` defaults to the training model."""
+        return combine_loss_terms(self.loss_terms, outputs, batch, model if model is not None else self.model, self.step)
 
     def _micro_batches(self) -> Iterator[dict]:
         while True:
