@@ -179,6 +179,7 @@ examples:
     p.add_argument("--profile", help="a profile of the study file (its settings apply to every variant)")
     p.add_argument("--out", type=Path, metavar="DIR", help="output directory (default: runs/studies/<name>-<profile>)")
     p.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants (plus the baseline and the runs they branch from)")
+    p.add_argument("--datasets", nargs="+", metavar="NAME", help="run only on these of the study's data sets (a study with top-level datasets)")
     p.add_argument("--seeds", metavar="0,1,2", help="seeds for every variant (replaces the study's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a config value in every run")
@@ -293,8 +294,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from .studies.results import markdown_table, results_table
 
     seeds = parse_seeds(args.seeds) if args.seeds else None
-    plan = load_study(args.study, profile=args.profile, out=args.out, only=args.only or None, seeds=seeds,
-                      overrides=args.overrides)
+    plan = load_study(args.study, profile=args.profile, out=args.out, only=args.only or None, datasets=args.datasets,
+                      seeds=seeds, overrides=args.overrides)
     print(f"study {plan.name}" + (f" (profile {plan.profile})" if plan.profile else "") + f": {len(plan.runs)} runs "
           f"({len(plan.variants)} variants) into {plan.out}; eval sets {', '.join(plan.eval_sets) or 'none'}")
     if args.dry_run:

@@ -171,6 +171,16 @@ def test_datasets_expand_every_variant_with_its_own_baseline_parents_and_eval_se
     # --only names base variants: their runs on every data set, with parents and baselines
     only = load_study(study, profile="p", out=tmp_path / "out", only=["switched"])
     assert [r.key for r in only.runs] == [f"{d}/{v}/seed0" for d in "ab" for v in ("pretrain", "plain", "switched")]
+    # --datasets runs some data sets only: their runs, eval sets and notes, nothing of the others
+    only_b = load_study(study, profile="p", out=tmp_path / "out", only=["switched"], datasets=["b"])
+    assert [r.key for r in only_b.runs] == [f"b/{v}/seed0" for v in ("pretrain", "plain", "switched")]
+    assert list(only_b.datasets) == ["b"] and "a-test" not in only_b.eval_sets and "a/plain" not in only_b.variants
+    assert only_b.run("b/switched", 0).config_hash == switched_b.config_hash  # the same runs as in the full study
+    for datasets in (["c"], []):
+        with pytest.raises(StudyError, match=re.escape("--datasets: expected data sets of ['a', 'b'], got")):
+            load_study(study, profile="p", out=tmp_path / "out", datasets=datasets)
+    with pytest.raises(StudyError, match="--datasets: only a study with top-level datasets"):
+        load_study(_write_study(tmp_path, photos, datasets=None), out=tmp_path / "out", datasets=["a"])
 
 
 def test_a_variant_limited_to_some_data_sets_runs_only_there(tmp_path):

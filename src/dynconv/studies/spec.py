@@ -323,6 +323,7 @@ def load_study(
     profile: str | None = None,
     out: str | Path | None = None,
     only: list[str] | None = None,
+    datasets: list[str] | None = None,
     seeds: list[int] | None = None,
     overrides: list[str] | None = None,
     check: bool = True,
@@ -330,7 +331,8 @@ def load_study(
     """Read and check a study file; return the plan of every run (parents before branches).
 
     ``only`` restricts to the named variants (plus the baseline's and the parents' runs they
-    need); ``seeds`` replaces every variant's seeds; ``overrides`` are ``--set`` items applied
+    need); ``datasets`` restricts a study with top-level ``datasets`` to the named ones (e.g. to
+    finish one data set's runs without the others'); ``seeds`` replaces every variant's seeds; ``overrides`` are ``--set`` items applied
     to every run. With ``check`` every run's config is validated as ``dynconv train`` would.
     """
     path = Path(path)
@@ -414,6 +416,13 @@ def load_study(
         unknown = [v for v in only if v not in variants_raw]
         if unknown:
             raise StudyError("--only", f"unknown variant {unknown[0]!r}; expected one of {sorted(variants_raw)}")
+    if datasets is not None:
+        if not datasets_raw:
+            raise StudyError("--datasets", "only a study with top-level datasets can run some of them")
+        unknown = [d for d in datasets if d not in datasets_raw]
+        if unknown or not datasets:
+            raise StudyError("--datasets", f"expected data sets of {sorted(datasets_raw)}, got {datasets!r}")
+    run_datasets = {d: v for d, v in datasets_raw.items() if datasets is None or d in datasets}
     out = Path(out) if out is not None else Path("runs") / "studies" / (name + (f"-{profile}" if profile else ""))
     # -- per variant
     resolved: dict[str, dict[str, Any]] = {}
@@ -487,7 +496,7 @@ def load_study(
         (dname, [*_set_items(_mapping(d, f"datasets.{dname}").get("set"), f"datasets.{dname}.set", variables),
                  *_set_items(_mapping(profile_datasets.get(dname), f"profiles.{profile}.datasets.{dname}").get("set"),
                              f"profiles.{profile}.datasets.{dname}.set", variables)])
-        for dname, d in datasets_raw.items()]
+        for dname, d in run_datasets.items()]
     expanded: dict[str, dict[str, Any]] = {}
     for dname, dataset_set in passes:
         named = (lambda v: v) if dname is None else (lambda v, _d=dname: f"{_d}/{v}")
@@ -514,8 +523,8 @@ def load_study(
                     data = resolve_branch(data, branch, branch.step)
                 runs.append(RunPlan(named(vname), seed, data, out / "runs" / named(vname) / f"seed{seed}", branch, match,
                                     dname))
-    if datasets_raw:
-        for dname, d in datasets_raw.items():
+    if run_datasets:
+        for dname, d in run_datasets.items():
             label = str(_mapping(d, f"datasets.{dname}").get("label", dname))
             for vname in order:
                 if f"{dname}/{vname}" in expanded:
@@ -527,7 +536,7 @@ def load_study(
                                 for v, e in expanded.items()},
         runs=runs, out=out, metrics=list(metrics), relative_change=relative_change,
         datasets={d: {"label": str(_mapping(v, f"datasets.{d}").get("label", d)),
-                      "description": str(_mapping(v, f"datasets.{d}").get("description", ""))} for d, v in datasets_raw.items()},
+                      "description": str(_mapping(v, f"datasets.{d}").get("description", ""))} for d, v in run_datasets.items()},
         latency_batch_size=latency_batch_size,
     )
     # -- eval sets (resolved against the baseline's data.root)
@@ -543,7 +552,7 @@ def load_study(
     for set_name in own_split_sets:  # scored on each run's own eval split
         plan.eval_sets[set_name] = None
     common = list(plan.eval_sets)
-    for dname, d in datasets_raw.items():
+    for dname, d in run_datasets.items():
         first = next(r for r in runs if r.dataset == dname).config
         names = []
         for set_name, folder in _mapping(_mapping(d, f"datasets.{dname}").get("eval_sets"), f"datasets.{dname}.eval_sets").items():
