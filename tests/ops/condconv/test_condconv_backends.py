@@ -115,9 +115,12 @@ def test_triton_premixed_kernels_match_reference(case, monkeypatch):
 
 CPU_CASES = [c for c in CASES if CASES[c][-1].get("dtype") != torch.float16]
 
-# the experts backend is the one 'auto' takes on small maps: those, and large ones, too
+# the experts backend is the one 'auto' takes on small maps: those (forward: one conv per
+# expert, up to PER_EXPERT_FORWARD_MAX_PIXELS = 64 output pixels), and large ones (one stacked conv)
 EXPERTS_CASES = {
     **CASES,
+    "map-8x8-depthwise-cl": (3, 8, 16, (8, 8), 3, 8, 4, 1, 1, 1, {"channels_last": True}),
+    "map-9x8-groups2": (2, 8, 6, (9, 8), 3, 2, 3, 1, 1, 1, {}),
     "map-4x4-wide": (3, 32, 32, (4, 4), 3, 1, 4, 1, 1, 1, {}),
     "map-4x4-wide-cl-8-experts": (3, 32, 24, (4, 4), 3, 1, 8, 1, 1, 1, {"channels_last": True}),
     "map-2x2-groups4-stride2": (2, 16, 8, (2, 3), 3, 4, 3, 2, 1, 1, {}),
