@@ -90,10 +90,10 @@ def stack_input(x: torch.Tensor, routing: torch.Tensor, groups: int, dtype: torc
 
 #: Output maps of at most this many pixels per example run the forward as one dense-shaped
 #: conv per expert (``y = sum_e W_e * (r_e x)``), larger ones as one stacked conv. Measured
-#: (2-core VM, fp32, N128, 3x3, forward only, E = 4 / 8): at 8x8 and 4x4 the per-expert form is
-#: 12-55% faster in NCHW and 14-57% in channels_last, where oneDNN's NHWC conv over E x C_in
-#: channels at 16 pixels runs at under half its usual rate (C512 4x4 E4: 8.7x a dense conv
-#: stacked, 4.0x per expert); at 32x32 the stacked conv is 15-30% faster; 16x16 is split by
+#: (2-core VM, fp32, N128, 3x3, forward only, E = 4 / 8): at 8x8 and 4x4 the per-expert form
+#: takes 12-21% less time in NCHW and 14-56% less in channels_last, where oneDNN's NHWC conv
+#: over E x C_in channels at 16 pixels runs at under half its usual rate (C512 4x4 E4: 8.7x a
+#: dense conv stacked, 4.0x per expert); at 32x32 it takes 18-45% more; 16x16 is split by
 #: layout (docs/performance.md).
 PER_EXPERT_FORWARD_MAX_PIXELS = 64
 

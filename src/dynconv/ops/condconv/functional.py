@@ -38,19 +38,20 @@ from ..dispatch import Backends
 # A forward alone costs about a third of each term (the mixing: a quarter), so one rule serves
 # training and inference.
 # With 3x3 kernels, C_in = C_out and a large batch (many channels: the stacking traffic is then
-# small against the convs), ``experts`` wins below about (4 E + 390) / (3 (E - 1)) output
-# pixels: E = 2: 132 (maps up to 11x11), E = 4: 45 (up to 6x6), E = 8: 20 (up to 4x4); of the
-# ResNet-18 CIFAR stages at E = 4 and 8, the 4x4 one. Small batches keep per-example kernels
-# longer: the experts' weight traffic is then shared by few examples (N128 C512 4x4: ``experts``
-# from 7 examples on at E = 4, from 46 at E = 8).
+# small against the convs), ``experts`` wins below about (4 E + 650) / (3 (E - 1)) output
+# pixels: E = 2: 219 (maps up to 14x14), E = 4: 74 (up to 8x8), E = 8: 32 (up to 5x5); of the
+# ResNet-18 CIFAR stages, the 8x8 and 4x4 ones at E = 4, the 4x4 one at E = 8. Small batches
+# keep per-example kernels longer: the experts' weight traffic is then shared by few examples
+# (N128 C512 4x4: ``experts`` from 6 examples on at E = 4, from 18 at E = 8).
 
 #: How many MACs moving one fp32 element through memory once costs (time-equivalent). Fit to
-#: issue 12's measurements (2-core VM, fwd+bwd, 4 experts): the ``cpu`` backend's time beyond
-#: the dense conv's, per per-example kernel element, is 436 (N128 C128 16x16) and 378 (N128
-#: C256 8x8) of the dense conv's MAC-times, i.e. about 30 per pass over
-#: :data:`PER_EXAMPLE_KERNEL_PASSES` passes. (At C512 4x4 it is 753: the model is conservative
-#: where ``experts`` wins anyway.)
-ELEMENT_PASS_MACS = 30
+#: the ResNet-18 CIFAR benchmark (2-core VM, 2026-12-02, fwd+bwd, 4 experts, NCHW /
+#: channels_last): the ``cpu`` backend's time beyond the dense conv's, per per-example kernel
+#: element and pass (:data:`PER_EXAMPLE_KERNEL_PASSES`), is 33 / 53 dense-conv MAC-times at
+#: N128 C128 16x16, 51 / 62 at C256 8x8 and 55 / 56 at C512 4x4. (Issue 12's first
+#: measurements gave about 30 at 16x16 and 8x8; with 30 the 8x8 stage stayed on ``cpu`` at
+#: 4.4-5.2x a dense conv where ``experts`` runs at 4.1x.)
+ELEMENT_PASS_MACS = 50
 #: Passes over the per-example kernels in the ``cpu`` backend, fwd+bwd: mix (write), oneDNN's
 #: reorder (read, write), conv (read); backward: mix again (write), reorder (read, write),
 #: input gradient (read), kernel gradient (write), its reorder back (read, write), the
