@@ -30,8 +30,8 @@ from dynconv.train.experiment import apply_conversion, build_experiment_model, c
 from dynconv.train.speed import training_speed
 
 STUDY = Path(__file__).resolve().parents[2] / "configs" / "studies" / "cifar10_resnet18.yaml"
-VARIANTS = ["conv", "involution", "condconv", "dynamic_conv", "switched", "switched_layer12", "staged_switched",
-            "staged_switched_detach"]
+VARIANTS = ["conv", "involution", "condconv", "dynamic_conv", "switched", "switched_layer12", "switched_detach",
+            "staged_switched", "staged_switched_detach"]
 THREE_SEEDS = {"conv", "staged_switched"}
 
 
@@ -63,6 +63,8 @@ def test_profiles_resolve_to_the_recipes(tmp_path, profile, width, steps, batch,
             assert run.branch_from.variant == "conv" and run.branch_from.step == cfg.convert.step == steps * 2 // 3
             assert cfg.convert.include == ["layer*.conv2"] and cfg.convert.breadth == 8
             assert cfg.convert.options.get("detach_selector_input", False) == run.variant.endswith("_detach")
+        if run.variant.startswith("switched"):  # from scratch
+            assert cfg.model.options["layer"].get("detach_selector_input", False) == run.variant.endswith("_detach")
         if run.variant == "dynamic_conv":
             (anneal,) = cfg.anneal
             assert (anneal.start, anneal.end, anneal.steps) == (30.0, 1.0, steps // 10)
@@ -79,7 +81,8 @@ def test_every_variant_builds_trains_a_step_and_reports_its_cost(tmp_path, varia
     if cfg.convert is not None:  # staged: the model after its conversion
         apply_conversion(model, conversion_record(cfg.convert, cfg.convert.step))
     expected = {"conv": nn.Conv2d, "involution": Involution2d, "condconv": CondConv2d, "dynamic_conv": CondConv2d,
-                "switched": SwitchedConv2d, "switched_layer12": SwitchedConv2d, "staged_switched": SwitchedConv2d,
+                "switched": SwitchedConv2d, "switched_layer12": SwitchedConv2d, "switched_detach": SwitchedConv2d,
+                "staged_switched": SwitchedConv2d,
                 "staged_switched_detach": SwitchedConv2d}[variant]
     for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
         high_resolution_only = variant == "switched_layer12" and stage in (model.layer3, model.layer4)
@@ -87,6 +90,8 @@ def test_every_variant_builds_trains_a_step_and_reports_its_cost(tmp_path, varia
         assert all(type(block.conv1) is nn.Conv2d for block in stage)
     if variant == "dynamic_conv":
         assert model.layer1[0].conv2.routing == "softmax" and model.layer1[0].conv2.temperature == 30.0
+    if expected is SwitchedConv2d:
+        assert model.layer1[0].conv2.detach_selector_input == variant.endswith("_detach")
     model.train()
     loss = F.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([1, 7]))
     loss.backward()
