@@ -31,7 +31,7 @@ from dynconv.train.speed import training_speed
 
 STUDY = Path(__file__).resolve().parents[2] / "configs" / "studies" / "cifar10_resnet18.yaml"
 VARIANTS = ["conv", "involution", "condconv", "dynamic_conv", "switched", "switched_layer12", "switched_detach",
-            "staged_switched", "staged_switched_detach"]
+            "switched_layer12_detach", "switched_b2_detach", "staged_switched", "staged_switched_detach"]
 THREE_SEEDS = {"conv", "staged_switched"}
 
 
@@ -82,16 +82,18 @@ def test_every_variant_builds_trains_a_step_and_reports_its_cost(tmp_path, varia
         apply_conversion(model, conversion_record(cfg.convert, cfg.convert.step))
     expected = {"conv": nn.Conv2d, "involution": Involution2d, "condconv": CondConv2d, "dynamic_conv": CondConv2d,
                 "switched": SwitchedConv2d, "switched_layer12": SwitchedConv2d, "switched_detach": SwitchedConv2d,
+                "switched_layer12_detach": SwitchedConv2d, "switched_b2_detach": SwitchedConv2d,
                 "staged_switched": SwitchedConv2d,
                 "staged_switched_detach": SwitchedConv2d}[variant]
     for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
-        high_resolution_only = variant == "switched_layer12" and stage in (model.layer3, model.layer4)
+        high_resolution_only = variant.startswith("switched_layer12") and stage in (model.layer3, model.layer4)
         assert all(type(block.conv2) is (nn.Conv2d if high_resolution_only else expected) for block in stage)
         assert all(type(block.conv1) is nn.Conv2d for block in stage)
     if variant == "dynamic_conv":
         assert model.layer1[0].conv2.routing == "softmax" and model.layer1[0].conv2.temperature == 30.0
     if expected is SwitchedConv2d:
         assert model.layer1[0].conv2.detach_selector_input == variant.endswith("_detach")
+        assert model.layer1[0].conv2.breadth == (2 if variant == "switched_b2_detach" else 8)
     model.train()
     loss = F.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([1, 7]))
     loss.backward()
