@@ -83,8 +83,7 @@ def test_every_variant_builds_trains_a_step_and_reports_its_cost(tmp_path, varia
     expected = {"conv": nn.Conv2d, "involution": Involution2d, "condconv": CondConv2d, "dynamic_conv": CondConv2d,
                 "switched": SwitchedConv2d, "switched_layer12": SwitchedConv2d, "switched_detach": SwitchedConv2d,
                 "switched_layer12_detach": SwitchedConv2d, "switched_b2_detach": SwitchedConv2d,
-                "staged_switched": SwitchedConv2d,
-                "staged_switched_detach": SwitchedConv2d}[variant]
+                "staged_switched": SwitchedConv2d, "staged_switched_detach": SwitchedConv2d}[variant]
     for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
         high_resolution_only = variant.startswith("switched_layer12") and stage in (model.layer3, model.layer4)
         assert all(type(block.conv2) is (nn.Conv2d if high_resolution_only else expected) for block in stage)

@@ -333,7 +333,8 @@ def load_study(
     ``only`` restricts to the named variants (plus the baseline's and the parents' runs they
     need); ``datasets`` restricts a study with top-level ``datasets`` to the named ones (e.g. to
     finish one data set's runs without the others'); ``seeds`` replaces every variant's seeds;
-    ``overrides`` are ``--set`` items applied to every run. With ``check`` every run's config is validated as ``dynconv train`` would.
+    ``overrides`` are ``--set`` items applied to every run. With ``check`` every run's config
+    is validated as ``dynconv train`` would.
     """
     path = Path(path)
     if not path.is_file():
