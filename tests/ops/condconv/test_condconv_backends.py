@@ -193,6 +193,37 @@ def test_cpu_channels_last_folds_match_reference(case, nhwc_fold, chunked, monke
     run_case("cpu", 4, cin, cout, hw, k, groups, e, s, p, d, **opts)
 
 
+@pytest.mark.parametrize("kernel_hw", [(3, 1), (1, 5), (2, 3)])
+def test_cpu_nhwc_fold_rectangular_kernels(kernel_hw, monkeypatch):
+    """The NHWC fold mixes the experts in channels_last kernel order (out, kH, kW, in/g) and
+    permutes the experts' gradient back: rectangular kernels and groups would expose a
+    swapped axis. Chunked, against the float64 reference."""
+    monkeypatch.setitem(condconv_cpu.NHWC_FOLD_MIN_PIXELS, "dense", 0)
+    monkeypatch.setattr(condconv_cpu, "_chunks", lambda x, *_: [(0, 2), (2, x.shape[0])])
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 6, 7, 8, generator=gen)
+    weight = torch.randn(3, 4, 3, *kernel_hw, generator=gen)
+    bias = torch.randn(3, 4, generator=gen)
+    routing = torch.rand(3, 3, generator=gen)
+    dy = None
+    grads = []
+    for double in (True, False):
+        inputs = [t.double() if double else t for t in (x, weight, bias, routing)]
+        if not double:
+            inputs[0] = inputs[0].contiguous(memory_format=torch.channels_last)
+        inputs = [t.clone().requires_grad_() for t in inputs]
+        if double:
+            y = reference_cond_conv2d(*inputs, (1, 1), (1, 1), (1, 1), 2)
+            dy = torch.randn(y.shape, generator=gen)
+        else:
+            y = cond_conv2d(*inputs, (1, 1), (1, 1), (1, 1), 2, backend="cpu")
+            assert y.is_contiguous(memory_format=torch.channels_last)
+        y.backward(dy.to(y.dtype))
+        grads.append([y.detach().double()] + [t.grad.double() for t in inputs])
+    for name, want, got in zip(("output", "x", "weight", "bias", "routing_weights"), *grads):
+        assert _rel(got, want) < 1e-5, name
+
+
 def test_cpu_nhwc_fold_layout():
     """The NHWC fold holds the same values as the NCHW one, channels_last; the shape-only
     stand-in has the same shape and strides."""

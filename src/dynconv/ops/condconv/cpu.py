@@ -14,7 +14,8 @@ changes:
 - a channels_last batch is folded as channels_last (memory ``H, W, N, C``: one copy that
   moves whole pixels), so oneDNN runs its NHWC kernels instead of reordering every input
   and output into its blocked layout: depthwise layers always, dense ones on larger maps
-  (:data:`NHWC_FOLD_MIN_PIXELS`);
+  (:data:`NHWC_FOLD_MIN_PIXELS`); the experts are then mixed straight into channels_last
+  kernel order, so no kernel-sized reorder runs either way;
 - backward, per chunk: one ``aten.convolution_backward`` with an output mask (gradients
   nobody asked for, e.g. frozen experts or a first layer's input, are not computed), then
   the chunk's kernel gradients turn into the experts' gradient (accumulated in chunk order:
@@ -44,10 +45,26 @@ Pair = tuple[int, int]
 CHUNK_BYTES = 8 * 2**20
 
 
-def _mix(weight: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
-    """Per-example kernels ``(N, out, in/g, kH, kW)``, one matmul."""
+def _experts_flat(weight: torch.Tensor, nhwc: bool) -> torch.Tensor:
+    """The experts as ``(E, out * in/g * kH * kW)`` rows, in the element order the fold's
+    conv wants its kernels: ``out, in/g, kH, kW`` for the NCHW fold, ``out, kH, kW, in/g``
+    (channels_last kernels) for the NHWC fold. oneDNN's NHWC kernels take channels_last
+    weights and return channels_last weight gradients; mixing straight into that order
+    saves a kernel-sized copy each way per chunk."""
     e = weight.shape[0]
-    return (routing.to(weight.dtype) @ weight.reshape(e, -1)).view(routing.shape[0], *weight.shape[1:])
+    if nhwc:
+        return weight.permute(0, 1, 3, 4, 2).reshape(e, -1)
+    return weight.reshape(e, -1)
+
+
+def _mix(w_flat: torch.Tensor, routing: torch.Tensor, weight_shape: torch.Size, nhwc: bool) -> torch.Tensor:
+    """Per-example kernels as one conv's ``(n * out, in/g, kH, kW)`` weight (channels_last
+    strides if ``nhwc``), one matmul over the rows of :func:`_experts_flat`."""
+    in_g, kh, kw = weight_shape[2:]
+    mixed = routing.to(w_flat.dtype) @ w_flat
+    if nhwc:
+        return mixed.view(-1, kh, kw, in_g).permute(0, 3, 1, 2)
+    return mixed.view(-1, in_g, kh, kw)
 
 
 def _output_hw(x: torch.Tensor, weight: torch.Tensor, stride: Pair, padding: Pair, dilation: Pair) -> tuple[int, int]:
@@ -66,9 +83,9 @@ def _chunks(x: torch.Tensor, weight: torch.Tensor, out_hw: tuple[int, int]) -> l
 
 #: A channels_last batch is folded as channels_last (:func:`_fold`), so that oneDNN runs
 #: its NHWC kernels, when its output has at least this many pixels per example; else NCHW.
-#: Depthwise: always. Dense and grouped: from 28x28 on, since oneDNN's NHWC kernel gradient
-#: is slow on small maps (measurements: docs/performance.md).
-NHWC_FOLD_MIN_PIXELS = {"depthwise": 0, "dense": 512}
+#: Depthwise: always. Dense and grouped: from 16x16 on, since oneDNN's NHWC kernel gradient
+#: is slow on smaller maps (measurements: docs/performance.md).
+NHWC_FOLD_MIN_PIXELS = {"depthwise": 0, "dense": 256}
 
 
 def _nhwc_fold(x: torch.Tensor, weight: torch.Tensor, out_hw: tuple[int, int]) -> bool:
@@ -139,11 +156,12 @@ def forward(
     bias_n = (routing.to(bias.dtype) @ bias) if bias is not None else None  # (N, out)
     chunks = _chunks(x, weight, (ho, wo))
     nhwc = _nhwc_fold(x, weight, (ho, wo))
+    w_flat = _experts_flat(weight, nhwc)
     y = None
     if len(chunks) != 1 or nhwc:  # else the conv's output is the result
         y = torch.empty((n, out, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
     for s, e in chunks:
-        kernels = _mix(weight, routing[s:e]).reshape((e - s) * out, *weight.shape[2:])
+        kernels = _mix(w_flat, routing[s:e], weight.shape, nhwc)
         b = bias_n[s:e].reshape(-1) if bias_n is not None else None
         y_c = _unfold(F.conv2d(_fold(x[s:e], nhwc), kernels, b, stride, padding, dilation, groups * (e - s)), e - s)
         if y is None:
@@ -176,7 +194,7 @@ def backward(
     grad_x = skipped(x)
     if need_input and not direct:
         grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
-    w_flat = weight.reshape(e_count, -1)
+    w_flat = _experts_flat(weight, nhwc)
     if need_params:
         grad_w = torch.zeros(w_flat.shape, dtype=x.dtype, device=x.device)
         grad_r = torch.empty((n, e_count), dtype=x.dtype, device=x.device)
@@ -185,7 +203,7 @@ def backward(
     kernel_hw = tuple(weight.shape[3:])
     correlate = _depthwise(weight) and kernel_hw[0] * kernel_hw[1] > BACKWARD_WEIGHT_MAX_TAPS
     for s, e in chunks:
-        kernels = _mix(weight, routing[s:e]).reshape((e - s) * out, *weight.shape[2:])
+        kernels = _mix(w_flat, routing[s:e], weight.shape, nhwc)
         gx = gk = gb = None
         if need_input or (need_params and not correlate):
             # the bias gradient comes along with oneDNN's weight gradient; alone, it would
@@ -208,7 +226,7 @@ def backward(
         elif need_input:
             grad_x[s:e] = _unfold(gx, e - s)
         if need_params:
-            gk = gk.reshape(e - s, -1)
+            gk = (gk.permute(0, 2, 3, 1) if nhwc else gk).reshape(e - s, -1)  # rows in w_flat's order
             grad_w.addmm_(routing[s:e].to(gk.dtype).t(), gk)  # chunk order: deterministic
             torch.mm(gk, w_cd.t(), out=grad_r[s:e])
     if not need_params:
@@ -217,4 +235,6 @@ def backward(
     if bias is not None:
         grad_b = (routing.to(db.dtype).t() @ db).to(bias.dtype)
         grad_r += db @ bias.to(db.dtype).t()
-    return grad_x, grad_w.view(weight.shape).to(weight.dtype), grad_b, grad_r.to(routing.dtype)
+    if nhwc:
+        grad_w = grad_w.view(e_count, out, *kernel_hw, weight.shape[2]).permute(0, 1, 4, 2, 3)
+    return grad_x, grad_w.reshape(weight.shape).to(weight.dtype), grad_b, grad_r.to(routing.dtype)
