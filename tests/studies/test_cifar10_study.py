@@ -32,7 +32,7 @@ from dynconv.train.speed import training_speed
 STUDY = Path(__file__).resolve().parents[2] / "configs" / "studies" / "cifar10_resnet18.yaml"
 VARIANTS = ["conv", "involution", "condconv", "dynamic_conv", "switched", "switched_layer12", "switched_detach",
             "switched_layer12_detach", "switched_b2_detach", "staged_switched", "staged_switched_detach"]
-THREE_SEEDS = {"conv", "condconv", "dynamic_conv", "staged_switched"}
+THREE_SEEDS = {"conv", "involution", "condconv", "dynamic_conv", "switched", "switched_layer12", "staged_switched"}
 
 
 def _plan(profile: str, tmp: Path):
